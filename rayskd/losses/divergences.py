@@ -1,0 +1,109 @@
+"""Divergences between the student's and the teacher's next-token distributions.
+
+P = teacher, Q = student (pi_theta). All computed in fp32 log space; -inf log-probs
+(masked logits) are clamped to LOG_FLOOR so that 0 * log 0 terms give 0, never NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_FLOOR = -1.0e4
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half-precision inputs are promoted, fp32/fp64 kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+DISTRIBUTION_DIVERGENCES = (
+    "forward_kl", "reverse_kl", "js", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl",
+)
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) over the last dim, from log-probabilities."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), computed with logsumexp."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def topk_support(student_logp: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_logp: torch.Tensor):
+    """Coarse-grain both distributions onto the teacher's top-k tokens plus one tail bucket.
+
+    ALGORITHMS.md section 5.3 option (b): both sides keep their true probability of each of
+    the k tokens and put the rest of their mass in the tail, log q_tail = log(1 - sum_k q).
+    Every divergence on this (k+1)-outcome support is a lower bound of the full-vocabulary
+    divergence (data processing) and equals it when k covers the vocabulary.
+    Returns (teacher_logp [..., k+1], student_logp [..., k+1]).
+    """
+    def with_tail(logp_k):
+        tail = (-torch.expm1(torch.logsumexp(logp_k, dim=-1, keepdim=True).clamp_max(0.0)))
+        return torch.cat([logp_k, tail.clamp_min(torch.finfo(tail.dtype).tiny).log()], dim=-1)
+
+    student_k = student_logp.gather(-1, topk_ids)
+    return with_tail(upcast(teacher_topk_logp)), with_tail(student_k)
+
+
+def distribution_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+    topk_ids: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-position divergence over the vocabulary: [..., V] -> [...].
+
+    kind:
+      forward_kl       KL(P_T || Q_theta)
+      reverse_kl       KL(Q_theta || P_T)
+      js               JS(P_T, Q_theta) = generalized_jsd with beta = 0.5
+      generalized_jsd  beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q (GKD / TRL);
+                       beta = 0 is forward KL and beta = 1 reverse KL (both ends special-cased)
+      skew_forward_kl  KL(P || skew P + (1-skew) Q)   (DistiLLM)
+      skew_reverse_kl  KL(Q || skew Q + (1-skew) P)
+    Both logits are divided by `temperature`. `vocab_size` slices padded LM-head rows.
+
+    Top-k teacher: pass `topk_ids` [..., k] and, as `teacher_logits`, the teacher's
+    full-vocabulary log-probs of those k tokens [..., k]; the divergence is then taken on the
+    top-k + tail support (see `topk_support`).
+    """
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    log_q = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    if topk_ids is None:
+        if vocab_size is not None:
+            teacher_logits = teacher_logits[..., :vocab_size]
+        log_p = torch.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
+    else:
+        log_p, log_q = topk_support(log_q, topk_ids, teacher_logits)
+    log_p, log_q = log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR)
+
+    if kind == "js":
+        kind, beta = "generalized_jsd", 0.5
+    if kind == "generalized_jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
+        if beta == 0.0:
+            kind = "forward_kl"
+        elif beta == 1.0:
+            kind = "reverse_kl"
+        else:
+            log_m = _log_mix(log_p, log_q, beta)
+            return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if kind == "forward_kl":
+        return _kl(log_p, log_q)
+    if kind == "reverse_kl":
+        return _kl(log_q, log_p)
+    if kind in ("skew_forward_kl", "skew_reverse_kl"):
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"skew must be in [0, 1), got {skew}")
+        if kind == "skew_forward_kl":
+            return _kl(log_p, _log_mix(log_p, log_q, skew) if skew > 0 else log_q)
+        return _kl(log_q, _log_mix(log_q, log_p, skew) if skew > 0 else log_p)
+    raise ValueError(f"unknown divergence {kind!r}: expected one of {', '.join(DISTRIBUTION_DIVERGENCES)}")

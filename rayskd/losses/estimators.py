@@ -1,0 +1,68 @@
+"""Per-token KL estimators (Schulman) and f-divergence generators.
+
+All functions are pure torch and keep the reference side detached: gradients flow only
+through the learner's log-probabilities.
+"""
+from __future__ import annotations
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+
+
+def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimators on tokens sampled from pi_theta.
+
+    delta = logp - sg(ref_logp).
+      k1 = delta                  unbiased value; as a loss its expected gradient is ZERO
+                                  (use it only inside the reward, see `k1_in_reward`).
+      k2 = delta^2 / 2            biased value; gradient delta * grad(logp), whose expectation
+                                  is grad KL(pi_theta || pi_ref) (reverse KL).
+      k3 = exp(-delta) - 1 + delta  unbiased value >= 0; gradient (1 - pi_ref/pi_theta) grad(logp),
+                                  whose expectation is grad KL(pi_ref || pi_theta) (forward KL).
+    """
+    delta = logp - ref_logp.detach()
+    if kind == "k1":
+        return delta
+    if kind == "k2":
+        return 0.5 * delta.square()
+    if kind == "k3":
+        delta = delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return torch.expm1(-delta) + delta
+    raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2 or k3")
+
+
+def f_divergence(
+    log_ratio: torch.Tensor, kind: str, alpha: float = 0.5, value_clamp: float | None = None
+) -> torch.Tensor:
+    """Per-token generator value f(u), u = exp(log_ratio) = pi_theta / pi_ref.
+
+    Averaged over tokens SAMPLED FROM pi_ref, E_ref[f(u)] = D_f(pi_theta || pi_ref), and its
+    gradient is the gradient of that divergence (the reference side must be detached by the
+    caller; `log_ratio = logp - ref_logp.detach()`).
+      forward_kl : f = u - 1 - log u                      -> KL(pi_ref || pi_theta)
+      reverse_kl : f = u log u - u + 1                    -> KL(pi_theta || pi_ref)
+      js         : f = u log u - (u+1) log((u+1)/2)       -> 2 * JS(pi_theta, pi_ref)
+      alpha      : f = (u^(1-a) - (1-a) u - a) / (a(a-1)), a in (0,1); a->1 forward KL,
+                   a->0 reverse KL.
+    The log ratio is clamped to +-20 (as the DPH-RL reference code does); `value_clamp`
+    optionally clamps the value too.
+    """
+    s = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    u = torch.exp(s)
+    if kind == "forward_kl":
+        f = torch.expm1(s) - s
+    elif kind == "reverse_kl":
+        f = u * s - torch.expm1(s)
+    elif kind == "js":
+        # (u+1) log((u+1)/2) = (u+1) * (softplus(s) - log 2)
+        f = u * s - (u + 1.0) * (torch.nn.functional.softplus(s) - torch.log(torch.tensor(2.0, dtype=s.dtype)))
+    elif kind == "alpha":
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha-divergence needs 0 < alpha < 1, got {alpha}")
+        f = (torch.exp((1.0 - alpha) * s) - (1.0 - alpha) * u - alpha) / (alpha * (alpha - 1.0))
+    else:
+        raise ValueError(f"unknown f-divergence {kind!r}: expected forward_kl, reverse_kl, js or alpha")
+    if value_clamp is not None:
+        f = f.clamp(-value_clamp, value_clamp)
+    return f

@@ -1,0 +1,108 @@
+"""Log-probabilities of chosen tokens, computed in chunks of positions.
+
+A full fp32 [batch, length, vocab] tensor for a 152k vocabulary is gigabytes; these helpers
+never build more than [chunk, vocab] at a time in fp32.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .divergences import upcast
+
+
+def _chunk_logp_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool):
+    logits = upcast(logits)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    p = torch.softmax(logits, dim=-1)
+    entropy = lse - (p * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+):
+    """log softmax(logits / temperature)[ids] over the last dim, `chunk_size` positions at a time.
+
+    logits [..., V] (any float dtype), ids [...] -> logp [...] in fp32 (and entropy [...] when
+    `with_entropy`, detached).
+    """
+    lead = ids.shape
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_ids = ids.reshape(-1)
+    logps, ents = [], []
+    for start in range(0, flat_ids.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        lp, ent = _chunk_logp_entropy(flat_logits[sl], flat_ids[sl], temperature, with_entropy)
+        logps.append(lp)
+        if with_entropy:
+            ents.append(ent.detach())
+    logp = torch.cat(logps).reshape(lead) if logps else flat_logits.new_zeros(lead, dtype=upcast(flat_logits[:0]).dtype)
+    if not with_entropy:
+        return logp
+    entropy = torch.cat(ents).reshape(lead) if ents else torch.zeros_like(logp)
+    return logp, entropy
+
+
+def hidden_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+    with_entropy: bool = False,
+):
+    """Like `token_logprobs` but starting from hidden states [..., H] and the LM head [V, H]:
+    each chunk's logits are recomputed in backward (activation checkpointing), so neither the
+    full logits nor their fp32 copy is ever held. `vocab_size` slices padded LM-head rows.
+    """
+    weight = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]
+    lead = ids.shape
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_ids = ids.reshape(-1)
+
+    def chunk_fn(h, w, i):
+        return _chunk_logp_entropy(h @ w.t(), i, temperature, False)[0]
+
+    logps, ents = [], []
+    for start in range(0, flat_ids.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad):
+            lp = checkpoint(chunk_fn, flat_h[sl], weight, flat_ids[sl], use_reentrant=False)
+        else:
+            lp = chunk_fn(flat_h[sl], weight, flat_ids[sl])
+        logps.append(lp)
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(_chunk_logp_entropy(flat_h[sl] @ weight.t(), flat_ids[sl], temperature, True)[1])
+    logp = torch.cat(logps).reshape(lead)
+    if not with_entropy:
+        return logp
+    return logp, torch.cat(ents).reshape(lead)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024):
+    """The k most likely tokens and their full-vocabulary log-probs: ([..., k] ids, [..., k] logp)."""
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    ids_out, lp_out = [], []
+    for start in range(0, flat.shape[0], chunk_size):
+        z = upcast(flat[start:start + chunk_size])
+        if temperature != 1.0:
+            z = z / temperature
+        lp = torch.log_softmax(z, dim=-1)
+        vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        ids_out.append(idx)
+        lp_out.append(vals)
+    kk = min(k, logits.shape[-1])
+    return torch.cat(ids_out).reshape(*lead, kk), torch.cat(lp_out).reshape(*lead, kk)

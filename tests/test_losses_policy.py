@@ -1,0 +1,218 @@
+"""Advantages, the clipped surrogate, aggregations, KDRL and rehearsal objectives, and the
+chunked log-prob helpers, against float64 references."""
+import math
+
+import pytest
+import torch
+
+from rayskd.losses import (
+    aggregate, coef_at, group_advantages, hidden_logprobs, kd_sequence_mask, kdrl_loss, kl_estimator, policy_loss,
+    rehearsal_loss, token_logprobs, topk_logprobs, truncated_is_weights,
+)
+
+torch.set_default_dtype(torch.float64)
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    a = group_advantages(r, 4, "grpo")
+    g = r[:4]
+    torch.testing.assert_close(a[:4], (g - g.mean()) / (g.std() + 1e-6))
+    assert (a[4:] == 0).all()  # all-equal group: zero advantage, no NaN
+    torch.testing.assert_close(group_advantages(r, 4, "dr_grpo")[:4], g - g.mean())
+    assert not group_advantages(r.requires_grad_(True), 4).requires_grad
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(r, 3)
+
+
+def batch(seed=0, B=5, T=7):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, T, generator=g) * 3).requires_grad_(True)
+    old = logp.detach() + 0.3 * torch.randn(B, T, generator=g)
+    lengths = torch.tensor([7, 3, 0, 5, 1])[:B]
+    mask = (torch.arange(T)[None] < lengths[:, None]).double()
+    adv = torch.randn(B, generator=g)
+    return logp, old, adv, mask, lengths
+
+
+def naive_surrogate(lp, old, a, cl, ch):
+    r = math.exp(lp - old)
+    return -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_policy_loss_matches_loops(aggregation):
+    logp, old, adv, mask, lengths = batch()
+    got = policy_loss(logp, old, adv, mask, 0.2, 0.28, aggregation, norm_len=10)
+    per = [[naive_surrogate(logp[i, t].item(), old[i, t].item(), adv[i].item(), 0.2, 0.28) for t in range(lengths[i])]
+           for i in range(len(lengths))]
+    if aggregation == "token_mean":
+        ref = sum(map(sum, per)) / sum(map(len, per))
+    elif aggregation == "seq_mean_token_mean":
+        ne = [sum(p) / len(p) for p in per if p]
+        ref = sum(ne) / len(ne)
+    else:
+        ref = sum(map(sum, per)) / (len(per) * 10)
+    assert math.isclose(got.item(), ref, rel_tol=1e-12)
+
+
+def test_clipped_tokens_have_no_gradient_and_unclipped_have_rho_A():
+    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5]])).requires_grad_(True)
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.2, "token_mean").backward()
+    # rho=1.5 > 1.2 with A>0: clipped, zero grad; rho=1.0: grad -rho*A/3; rho=0.5 with A>0: not clipped
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -1.0 / 3, -0.5 / 3]]))
+
+
+def test_empty_responses_never_nan():
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.zeros(2, 4)
+    for agg in ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]:
+        loss = policy_loss(logp, logp.detach(), torch.ones(2), mask, aggregation=agg)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(logp.grad).all()
+
+
+def test_truncated_is_weights():
+    w = truncated_is_weights(torch.log(torch.tensor([0.5, 0.9])), torch.log(torch.tensor([0.1, 0.9])), cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([2.0, 1.0]))
+    logp, old, adv, mask, _ = batch(1)
+    w = torch.rand_like(old)
+    got = policy_loss(logp, old, adv, mask, is_weights=w)
+    from rayskd.losses import clipped_surrogate
+    ref = (clipped_surrogate(logp, old, adv, 0.2, 0.2)[0] * w * mask).sum() / mask.sum()
+    torch.testing.assert_close(got, ref)
+
+
+def test_coef_schedules():
+    assert coef_at(100, "constant", 0.1) == 0.1
+    assert math.isclose(coef_at(10, "linear", 5e-3, 1e-3, 5e-5), 4.5e-3)
+    assert coef_at(10_000, "linear", 5e-3, 1e-3, 5e-5) == 1e-3
+
+
+def test_kd_sequence_masks():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert kd_sequence_mask(r, 3, "all").tolist() == [1] * 6
+    assert kd_sequence_mask(r, 3, "incorrect_only").tolist() == [0, 1, 1, 1, 1, 1]
+    assert kd_sequence_mask(r, 3, "group_unsolved").tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_kdrl_k2_equals_grpo_plus_coef_k2_and_masks_and_norms():
+    logp, old, adv, mask, _ = batch(2)
+    teacher = old - 0.5
+    on_old = logp.detach()  # on-policy: rho = 1
+    loss, m = kdrl_loss(logp, on_old, adv, mask, teacher, 0.3, estimator="k2")
+    ref = policy_loss(logp, on_old, adv, mask) + 0.3 * (kl_estimator(logp, teacher, "k2") * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, ref)
+    seq = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    k2 = kl_estimator(logp, teacher, "k2") * mask * seq[:, None]
+    l_masked, _ = kdrl_loss(logp, on_old, adv, mask, teacher, 1.0, kd_seq_mask=seq, kd_norm="masked")
+    l_all, _ = kdrl_loss(logp, on_old, adv, mask, teacher, 1.0, kd_seq_mask=seq, kd_norm="all")
+    pg = policy_loss(logp, on_old, adv, mask)
+    torch.testing.assert_close(l_masked, pg + k2.sum() / (mask * seq[:, None]).sum())
+    torch.testing.assert_close(l_all, pg + k2.sum() / mask.sum())
+    assert set(m) >= {"policy_loss", "kd_loss", "clip_frac", "kd_kl_k1"}
+
+
+def test_kdrl_offpolicy_weights_teacher_term_by_rho():
+    logp, old, adv, mask, _ = batch(3)
+    teacher = old - 0.5
+    loss, _ = kdrl_loss(logp, old, torch.zeros(5), mask, teacher, 1.0, estimator="k3")
+    rho = torch.exp(logp.detach() - old)
+    ref = (rho * kl_estimator(logp, teacher, "k3") * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, ref)
+
+
+def test_k1_in_reward_gives_same_gradient_as_k2_on_policy_and_mc_converges_to_reverse_kl():
+    """On-policy, A = 0: k1-in-reward and k2-as-loss give identical per-sample gradients,
+    and their sample mean converges to grad KL(pi_theta || pi_T)."""
+    V, n = 7, 40_000
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(V, generator=g).requires_grad_(True)
+    teacher = torch.log_softmax(torch.randn(V, generator=g), -1)
+    x = torch.multinomial(torch.softmax(z, -1).detach(), n, replacement=True, generator=g)
+
+    def grad_for(estimator):
+        logp = torch.log_softmax(z, -1)[x][:, None]
+        loss, _ = kdrl_loss(logp, logp.detach(), torch.zeros(n), torch.ones(n, 1), teacher[x][:, None], 1.0,
+                            estimator=estimator)
+        return torch.autograd.grad(loss, z)[0]
+
+    g_k1r, g_k2 = grad_for("k1_reward"), grad_for("k2")
+    torch.testing.assert_close(g_k1r, g_k2, rtol=1e-10, atol=1e-13)
+    lq = torch.log_softmax(z, -1)
+    (exact,) = torch.autograd.grad((lq.exp() * (lq - teacher)).sum(), z)
+    # per-sample gradients for the tolerance
+    pi = lq.exp().detach()
+    per = (lq.detach() - teacher)[x][:, None] * (torch.nn.functional.one_hot(x, V).double() - pi)
+    tol = 6 * per.std(0) / math.sqrt(n)
+    assert ((g_k2 - exact).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js", "reverse_kl", "alpha"])
+def test_rehearsal_loss_mc_gradient_is_divergence_gradient(kind):
+    V, n = 6, 40_000
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(V, generator=g).requires_grad_(True)
+    ref = torch.log_softmax(torch.randn(V, generator=g), -1)
+    x = torch.multinomial(ref.exp(), n, replacement=True, generator=g)
+    lq = torch.log_softmax(z, -1)
+    (g_mc,) = torch.autograd.grad(rehearsal_loss(lq[x][:, None], ref[x][:, None], torch.ones(n, 1), kind, 0.5), z)
+    lq = torch.log_softmax(z, -1)
+    p, q = lq.exp(), ref.exp()
+    exact = {
+        "forward_kl": (q * (ref - lq)).sum(),
+        "reverse_kl": (p * (lq - ref)).sum(),
+        "js": (p * (lq - torch.log((p + q) / 2))).sum() + (q * (ref - torch.log((p + q) / 2))).sum(),
+        "alpha": ((p ** 0.5 * q ** 0.5).sum() - 1) / (0.5 * -0.5),
+    }[kind]
+    (g_exact,) = torch.autograd.grad(exact, z)
+    # tolerance from the per-sample gradients f'(s_x) (e_x - pi_theta)
+    s_x = (lq.detach() - ref)[x].requires_grad_(True)
+    from rayskd.losses import f_divergence
+    (df,) = torch.autograd.grad(f_divergence(s_x, kind, 0.5).sum(), s_x)
+    per = df[:, None] * (torch.nn.functional.one_hot(x, V).double() - p.detach())
+    torch.testing.assert_close(per.mean(0), g_mc)
+    assert ((g_mc - g_exact).abs() <= 6 * per.std(0) / math.sqrt(n) + 1e-12).all()
+
+
+# ---- chunked log-probs ----
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_token_logprobs_chunked_equals_full(chunk):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 13, generator=g).requires_grad_(True)
+    ids = torch.randint(0, 13, (3, 7), generator=g)
+    lp, ent = token_logprobs(logits, ids, temperature=0.8, chunk_size=chunk, with_entropy=True)
+    full = torch.log_softmax(logits / 0.8, -1)
+    torch.testing.assert_close(lp, full.gather(-1, ids[..., None]).squeeze(-1))
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1).detach())
+    (g1,) = torch.autograd.grad(lp.sum(), logits)
+    (g2,) = torch.autograd.grad(full.gather(-1, ids[..., None]).sum(), logits)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_hidden_logprobs_checkpointed_matches_and_slices_vocab():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 9, 8, generator=g).requires_grad_(True)
+    w = torch.randn(16, 8, generator=g).requires_grad_(True)  # 12 real rows + 4 padded
+    ids = torch.randint(0, 12, (2, 9), generator=g)
+    lp, ent = hidden_logprobs(h, w, ids, temperature=1.3, chunk_size=4, vocab_size=12, with_entropy=True)
+    full = torch.log_softmax((h @ w[:12].t()) / 1.3, -1)
+    ref = full.gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp, ref)
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1).detach())
+    g1 = torch.autograd.grad(lp.sum(), (h, w))
+    g2 = torch.autograd.grad(ref.sum(), (h, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_topk_logprobs():
+    logits = torch.randn(2, 3, 10)
+    ids, lp = topk_logprobs(logits, 4, temperature=2.0, chunk_size=2)
+    full = torch.log_softmax(logits / 2.0, -1)
+    ref_v, ref_i = full.topk(4, -1)
+    torch.testing.assert_close(lp, ref_v)
+    assert (ids == ref_i).all()
