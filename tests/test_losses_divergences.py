@@ -142,3 +142,16 @@ def test_unknown_kind():
     s, t = logits(8)
     with pytest.raises(ValueError, match="unknown divergence 'kl'"):
         distribution_divergence(s, t, "kl")
+
+
+def test_hidden_topk_divergence_matches_dense_with_gradients():
+    from rayskd.losses import hidden_topk_divergence
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 5, 6, generator=g).requires_grad_(True)
+    w = torch.randn(V + 2, 6, generator=g)
+    t = torch.log_softmax(torch.randn(2, 5, V, generator=g), -1)
+    vals, ids = t.topk(4, -1)
+    got = hidden_topk_divergence(h, w, ids, vals, "generalized_jsd", beta=0.3, chunk_size=3, vocab_size=V)
+    ref = distribution_divergence(h @ w[:V].t(), vals, "generalized_jsd", beta=0.3, topk_ids=ids)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0], torch.autograd.grad(ref.sum(), h)[0])

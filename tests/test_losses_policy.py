@@ -216,3 +216,34 @@ def test_topk_logprobs():
     ref_v, ref_i = full.topk(4, -1)
     torch.testing.assert_close(lp, ref_v)
     assert (ids == ref_i).all()
+
+
+def test_hidden_topk_logprobs_chunked():
+    from rayskd.losses import hidden_topk_logprobs
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(14, 8, generator=g)
+    ids = torch.randint(0, 12, (2, 5), generator=g)
+    lp, ti, tv = hidden_topk_logprobs(h, w, ids, 3, temperature=0.5, chunk_size=3, vocab_size=12)
+    full = torch.log_softmax((h @ w[:12].t()) / 0.5, -1)
+    torch.testing.assert_close(lp, full.gather(-1, ids[..., None]).squeeze(-1))
+    v, i = full.topk(3, -1)
+    torch.testing.assert_close(tv, v)
+    assert (ti == i).all()
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_slices_with_batch_denominator_add_up_to_the_batch_aggregate(aggregation):
+    """Micro-batches / ranks: each slice divides by the whole batch's normaliser."""
+    from rayskd.losses import aggregate_denominator as denominator
+    logp, old, adv, mask, _ = batch(6)
+    whole = policy_loss(logp, old, adv, mask, aggregation=aggregation, norm_len=9)
+    total = denominator(mask, aggregation, 9)
+    parts = [policy_loss(logp[s], old[s], adv[s], mask[s], aggregation=aggregation, norm_len=9, denominator=total)
+             for s in (slice(0, 2), slice(2, 3), slice(3, 5))]
+    torch.testing.assert_close(sum(parts), whole)
+    tl = torch.zeros(5, 7) - 0.7
+    kd_whole, _ = kdrl_loss(logp, logp.detach(), adv, mask, tl, 0.5, aggregation=aggregation, norm_len=9)
+    kd_parts = sum(kdrl_loss(logp[s], logp.detach()[s], adv[s], mask[s], tl[s], 0.5, aggregation=aggregation,
+                             norm_len=9, pg_denominator=total, kd_denominator=total)[0]
+                   for s in (slice(0, 2), slice(2, 5)))
+    torch.testing.assert_close(kd_parts, kd_whole)

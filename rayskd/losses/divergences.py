@@ -107,3 +107,30 @@ def distribution_divergence(
             return _kl(log_p, _log_mix(log_p, log_q, skew) if skew > 0 else log_q)
         return _kl(log_q, _log_mix(log_q, log_p, skew) if skew > 0 else log_p)
     raise ValueError(f"unknown divergence {kind!r}: expected one of {', '.join(DISTRIBUTION_DIVERGENCES)}")
+
+
+def hidden_topk_divergence(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_logp: torch.Tensor,
+    kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-position `distribution_divergence` on the teacher's top-k support, from the
+    student's hidden states [..., H]: logits are formed `chunk_size` positions at a time and
+    recomputed in backward (checkpointed), never as one [positions, V] fp32 tensor."""
+    from torch.utils.checkpoint import checkpoint
+
+    weight = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]
+    lead = topk_ids.shape[:-1]
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_ids = topk_ids.reshape(-1, topk_ids.shape[-1])
+    flat_t = teacher_topk_logp.reshape(-1, teacher_topk_logp.shape[-1])
+
+    def chunk_fn(h, w, ids, t):
+        return distribution_divergence(h @ w.t(), t, kind, beta=beta, temperature=temperature, skew=skew, topk_ids=ids)
+
+    out = []
+    for start in range(0, flat_ids.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (flat_h[sl], weight, flat_ids[sl], flat_t[sl])
+        out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
+    return torch.cat(out).reshape(lead)

@@ -106,3 +106,23 @@ def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_
         lp_out.append(vals)
     kk = min(k, logits.shape[-1])
     return torch.cat(ids_out).reshape(*lead, kk), torch.cat(lp_out).reshape(*lead, kk)
+
+
+@torch.no_grad()
+def hidden_topk_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor, k: int,
+                         temperature: float = 1.0, chunk_size: int = 1024, vocab_size: int | None = None):
+    """From hidden states [..., H]: the log-prob of `ids` [...] plus the top-k ids and
+    log-probs [..., k], computing the logits `chunk_size` positions at a time (no grad)."""
+    weight = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]
+    lead = ids.shape
+    flat_h, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    kk = min(k, weight.shape[0])
+    lps, top_i, top_v = [], [], []
+    for start in range(0, flat_ids.numel(), chunk_size):
+        z = upcast(flat_h[start:start + chunk_size] @ weight.t())
+        lp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+        lps.append(lp.gather(-1, flat_ids[start:start + chunk_size, None]).squeeze(-1))
+        v, i = lp.topk(kk, dim=-1)
+        top_v.append(v)
+        top_i.append(i)
+    return (torch.cat(lps).reshape(lead), torch.cat(top_i).reshape(*lead, kk), torch.cat(top_v).reshape(*lead, kk))

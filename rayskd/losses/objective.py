@@ -57,6 +57,8 @@ def kdrl_loss(
     aggregation: str = "token_mean",
     is_weights: torch.Tensor | None = None,
     norm_len: int | None = None,
+    pg_denominator: float | None = None,
+    kd_denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KDRL: L = L_GRPO + coef * D(pi_theta || pi_T), both on the same student rollouts.
 
@@ -72,7 +74,9 @@ def kdrl_loss(
     The teacher term is weighted per token by sg(rho), rho = pi_theta / pi_old, which is 1
     on-policy and corrects off-policy minibatches. `kd_seq_mask` [B] (see
     `kd_sequence_mask`) selects responses; kd_norm 'masked' divides by the selected tokens,
-    'all' by every response token. Returns (loss, detached metrics).
+    'all' by every response token. `pg_denominator` / `kd_denominator` are the normalisers
+    of the whole batch when this call sees one slice of it (see `aggregate`). Returns
+    (loss, detached metrics).
     """
     seq_mask = torch.ones(mask.shape[0], dtype=mask.dtype, device=mask.device) if kd_seq_mask is None \
         else kd_seq_mask.to(mask.dtype)
@@ -91,7 +95,7 @@ def kdrl_loss(
     pg_tok, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
     if is_weights is not None:
         pg_tok = pg_tok * is_weights.detach()
-    pg = aggregate(pg_tok, mask, aggregation, norm_len)
+    pg = aggregate(pg_tok, mask, aggregation, norm_len, pg_denominator)
     metrics = {
         "policy_loss": pg.detach(),
         "clip_frac": aggregate(clipped, mask, "token_mean").detach(),
@@ -105,9 +109,9 @@ def kdrl_loss(
     rho = torch.exp((logp - old_logp).detach().clamp(-20.0, 20.0))
     kd_tok = kd_values * rho
     if kd_norm == "masked":
-        kd = aggregate(kd_tok, mask * seq_mask.unsqueeze(-1), aggregation, norm_len)
+        kd = aggregate(kd_tok, mask * seq_mask.unsqueeze(-1), aggregation, norm_len, kd_denominator)
     elif kd_norm == "all":
-        kd = aggregate(kd_tok * seq_mask.unsqueeze(-1), mask, aggregation, norm_len)
+        kd = aggregate(kd_tok * seq_mask.unsqueeze(-1), mask, aggregation, norm_len, kd_denominator)
     else:
         raise ValueError(f"unknown KD normaliser {kd_norm!r}: expected one of {', '.join(KD_NORMS)}")
     metrics["kd_loss"] = kd.detach()

@@ -28,7 +28,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "grpo",
     return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str, norm_len: int | None = None) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str, norm_len: int | None = None,
+              denominator: float | None = None) -> torch.Tensor:
     """Reduce per-token values [B, T] over the response mask to a scalar.
 
     token_mean:              sum(v * m) / sum(m)
@@ -36,9 +37,18 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str, norm_l
     seq_mean_token_sum_norm: sum(v * m) / (B * norm_len), norm_len defaulting to T (Dr. GRPO
                              uses the generation budget, max_new_tokens)
     An all-empty batch gives 0 (with a graph), never NaN.
+    `denominator` replaces this batch's own normaliser (token count, non-empty sequence count
+    or B * norm_len) with that of a larger batch this one is a slice of, so that the slices'
+    results add up to the whole batch's aggregate (micro-batches, data-parallel ranks).
     """
     mask = mask.to(values.dtype)
     masked = values * mask
+    if denominator is not None:
+        if aggregation == "seq_mean_token_mean":
+            return (masked.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() / denominator
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+        return masked.sum() / denominator
     if aggregation == "token_mean":
         return masked.sum() / mask.sum().clamp_min(1.0)
     if aggregation == "seq_mean_token_mean":
@@ -49,6 +59,18 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str, norm_l
     if aggregation == "seq_mean_token_sum_norm":
         length = norm_len if norm_len is not None else mask.shape[-1]
         return masked.sum() / (mask.shape[0] * max(length, 1))
+    raise ValueError(f"unknown aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregate_denominator(mask: torch.Tensor, aggregation: str, norm_len: int | None = None) -> float:
+    """The normaliser `aggregate` uses for a whole batch [B, T]: pass it as `denominator` to
+    each slice of the batch so that the slices' results add up to the batch's aggregate."""
+    if aggregation == "token_mean":
+        return max(float(mask.sum()), 1.0)
+    if aggregation == "seq_mean_token_mean":
+        return max(float((mask.sum(-1) > 0).sum()), 1.0)
+    if aggregation == "seq_mean_token_sum_norm":
+        return float(mask.shape[0] * max(norm_len if norm_len is not None else mask.shape[-1], 1))
     raise ValueError(f"unknown aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
 
 
@@ -82,6 +104,7 @@ def policy_loss(
     aggregation: str = "token_mean",
     is_weights: torch.Tensor | None = None,
     norm_len: int | None = None,
+    denominator: float | None = None,
 ) -> torch.Tensor:
     """Clipped GRPO surrogate over response tokens, aggregated as configured.
 
@@ -91,4 +114,4 @@ def policy_loss(
     loss, _ = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
     if is_weights is not None:
         loss = loss * is_weights.detach()
-    return aggregate(loss, mask, aggregation, norm_len)
+    return aggregate(loss, mask, aggregation, norm_len, denominator)

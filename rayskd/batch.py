@@ -1,0 +1,107 @@
+"""Typed batches passed between stages. Shapes are in the names: N sequences, P prompt
+tokens, R response tokens, K teacher top-k. Padding is right-padding with zeros; lengths say
+how much of each row is real."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def pad_rows(rows: list[list], pad=0, dtype=torch.long, width: int | None = None) -> torch.Tensor:
+    """Right-pad a list of lists into an [N, max_len] tensor (at least one column)."""
+    width = max([len(r) for r in rows] + [1]) if width is None else width
+    out = torch.full((len(rows), width), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, :len(r)] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+@dataclass
+class PromptBatch:
+    """Prompts chosen for one step (small metadata the driver may hold)."""
+    uids: list[int]  # dataset row index of each prompt
+    prompt_ids: list[list[int]]
+    prompts: list[str]
+    answers: list[str]
+
+
+@dataclass
+class RolloutShard:
+    """One rollout worker's output: G responses for each of its prompts, group by group."""
+    prompt_ids_NP: torch.Tensor
+    prompt_len_N: torch.Tensor
+    response_ids_NR: torch.Tensor
+    response_len_N: torch.Tensor
+    sampler_logp_NR: torch.Tensor  # the sampler's (vLLM) log-prob of each sampled token, at the sampling temperature
+    rewards_N: torch.Tensor
+    truncated_N: torch.Tensor  # hit max_new_tokens without end of sequence
+    uids_N: torch.Tensor  # dataset row of each sequence's prompt
+    group_size: int
+    weights_version: int
+    stats: dict = field(default_factory=dict)  # reward_errors, reward_timeouts, generate_s
+
+    @property
+    def num_sequences(self) -> int:
+        return self.response_ids_NR.shape[0]
+
+    def response_mask_NR(self) -> torch.Tensor:
+        return (torch.arange(self.response_ids_NR.shape[1])[None] < self.response_len_N[:, None]).float()
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's view of one rollout shard, aligned with its response tokens."""
+    logp_NR: torch.Tensor
+    topk_ids_NRK: torch.Tensor | None = None
+    topk_logp_NRK: torch.Tensor | None = None
+    score_s: float = 0.0
+
+
+def concat_shards(shards: list[RolloutShard]) -> RolloutShard:
+    """Merge rollout shards (groups stay contiguous), re-padding to common widths."""
+    def cat(name, pad=0.0):
+        ts = [getattr(s, name) for s in shards]
+        width = max(t.shape[1] for t in ts)
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in ts])
+
+    stats: dict = {}
+    for s in shards:
+        for k, v in s.stats.items():
+            stats[k] = stats.get(k, 0) + v
+    return RolloutShard(
+        prompt_ids_NP=cat("prompt_ids_NP", 0), prompt_len_N=torch.cat([s.prompt_len_N for s in shards]),
+        response_ids_NR=cat("response_ids_NR", 0), response_len_N=torch.cat([s.response_len_N for s in shards]),
+        sampler_logp_NR=cat("sampler_logp_NR", 0.0), rewards_N=torch.cat([s.rewards_N for s in shards]),
+        truncated_N=torch.cat([s.truncated_N for s in shards]), uids_N=torch.cat([s.uids_N for s in shards]),
+        group_size=shards[0].group_size, weights_version=min(s.weights_version for s in shards), stats=stats)
+
+
+def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
+    def cat(ts):
+        if ts[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
+
+    return TeacherScores(logp_NR=cat([s.logp_NR for s in scores]), topk_ids_NRK=cat([s.topk_ids_NRK for s in scores]),
+                         topk_logp_NRK=cat([s.topk_logp_NRK for s in scores]),
+                         score_s=max(s.score_s for s in scores))
+
+
+def sequences_for_forward(prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, pad_id: int = 0):
+    """Pack prompt + response per row: input_ids [N, L], attention_mask [N, L] and the
+    position of the logits that predict each response token, positions_NR [N, R]
+    (logits at position t predict token t + 1)."""
+    N, R = response_ids_NR.shape
+    L = int((prompt_len_N + response_len_N).max().item()) if N else 1
+    L = max(L, 1)
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((N, L), dtype=torch.long)
+    for i in range(N):
+        p, r = int(prompt_len_N[i]), int(response_len_N[i])
+        input_ids[i, :p] = prompt_ids_NP[i, :p]
+        input_ids[i, p:p + r] = response_ids_NR[i, :r]
+        attention[i, :p + r] = 1
+    positions = (prompt_len_N[:, None] - 1 + torch.arange(R)[None]).clamp(0, L - 1)
+    return input_ids, attention, positions

@@ -1,0 +1,310 @@
+"""One typed configuration: YAML + `key=value` overrides -> validated, read-only dataclasses.
+
+`load_config` raises `ConfigError` (one line, naming the key) for unknown keys, wrong types
+and impossible combinations; the CLI turns it into exit status 2 before anything starts.
+Components receive only their own (frozen) section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .losses import ADVANTAGES, AGGREGATIONS, DISTRIBUTION_DIVERGENCES, F_DIVERGENCES, KD_ESTIMATORS, KD_MASKS, \
+    KD_NORMS, SCHEDULES
+
+BUILTIN_REWARDS = ("exact_match", "math")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line: `<key>: <what is wrong>`."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/rayskd"
+    steps: int = 20
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM)
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_max_prompts: int = 0  # 0: the whole eval split
+    resume: str = "never"  # never | auto
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = MISSING
+    eval_path: Optional[str] = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    max_prompt_tokens: int = 512
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    name: str = "exact_match"  # a built-in reward: exact_match | math
+    function: Optional[str] = None  # or "module:function" taking (prompt, completion, answer) -> float
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    path: str = MISSING
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    path: str = MISSING
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
+    micro_batch_size: int = 16
+    temperature: float = 1.0  # the teacher is scored at this temperature
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gb: int = 1
+    sync_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    world_size: int = 1
+    gpus_per_worker: float = 0.0
+    zero_stage: int = 2
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    bf16: bool = False
+    logprob_chunk: int = 1024
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    divergence: str = "reverse_kl"
+    estimator: str = "k2"  # k2 | k3 | k1_reward | topk
+    coef: float = 0.1
+    schedule: str = "constant"  # constant | linear
+    coef_min: float = 0.0
+    decay: float = 0.0  # per step, for schedule=linear
+    mask: str = "all"  # all | incorrect_only | group_unsolved
+    norm: str = "masked"  # masked | all: the normaliser of the masked KD term
+    beta: float = 0.5  # generalized_jsd
+    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl
+
+
+@dataclass(frozen=True)
+class RehearsalConfig:
+    divergence: str = "forward_kl"
+    coef: float = 0.0  # 0: off
+    alpha: float = 0.5
+    data_path: Optional[str] = None
+    samples_per_step: int = 8
+    presample_samples: int = 8  # rayskd presample: responses per prompt from the initial student
+    presample_min_correct: int = 8  # keep prompts solved at least this many times
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    prompts_per_step: int = 8
+    advantage: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: str = "token_mean"
+    tis_cap: float = 0.0  # > 0: truncated importance sampling with this cap
+    kd: KDConfig = field(default_factory=KDConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+
+PATH_KEYS = ("run.output_dir", "data.train_path", "data.eval_path", "student.path", "teacher.path",
+             "algorithm.rehearsal.data_path")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load YAML (optional) + dotted `key=value` overrides into a validated, frozen Config.
+    Relative paths are made absolute against the current directory."""
+    try:
+        layers = [OmegaConf.structured(Config)]
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError("", f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(item, "an override must look like key=value")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = getattr(e, "msg", None) or _first_line(e)
+        raise ConfigError(key, _first_line(Exception(msg))) from None
+    except Exception as e:  # YAML syntax errors and the like
+        raise ConfigError(path or "", _first_line(e)) from None
+    for key in PATH_KEYS:
+        value = _get(cfg, key)
+        if value:
+            cfg = _replace(cfg, key, os.path.abspath(os.path.expanduser(value)))
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _replace(cfg, key: str, value):
+    """A copy of the frozen dataclass tree with the dotted `key` set to `value`."""
+    head, _, rest = key.partition(".")
+    new = _replace(getattr(cfg, head), rest, value) if rest else value
+    return dataclasses.replace(cfg, **{head: new})
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _gpus(key: str, value: float) -> None:
+    _check(value >= 0, key, f"must be >= 0, got {value}")
+    _check(value <= 1 or float(value).is_integer(), key, f"above 1 must be a whole number of GPUs, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Consistency checks that types alone cannot express. Raises ConfigError."""
+    run, data, reward, rollout, learner, teacher, algo = (
+        cfg.run, cfg.data, cfg.reward, cfg.rollout, cfg.learner, cfg.teacher, cfg.algorithm)
+    kd, reh = algo.kd, algo.rehearsal
+    _check(run.steps >= 1, "run.steps", f"must be >= 1, got {run.steps}")
+    _check(run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
+    _check(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
+    _choice("run.resume", run.resume, ("never", "auto"))
+    _check(data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    if reward.function is None:
+        _choice("reward.name", reward.name, BUILTIN_REWARDS)
+    else:
+        mod, _, fn = reward.function.partition(":")
+        _check(bool(mod) and bool(fn), "reward.function", f"must look like 'module:function', got {reward.function!r}")
+    _check(reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+
+    for section, c in (("rollout", rollout), ("teacher", teacher)):
+        _check(c.num_workers >= 1, f"{section}.num_workers", "must be >= 1")
+        _gpus(f"{section}.gpus_per_worker", c.gpus_per_worker)
+    _gpus("learner.gpus_per_worker", learner.gpus_per_worker)
+    _check(learner.gpus_per_worker <= 1, "learner.gpus_per_worker", "a learner rank drives one GPU (use world_size)")
+    _check(learner.world_size >= 1, "learner.world_size", "must be >= 1")
+    _check(teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
+    _check(teacher.micro_batch_size >= 1, "teacher.micro_batch_size", "must be >= 1")
+    _check(teacher.temperature > 0, "teacher.temperature", "must be > 0")
+
+    _check(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+    _check(rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(rollout.temperature > 0, "rollout.temperature", "must be > 0 (greedy sampling has no policy gradient)")
+    _check(0 < rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {rollout.top_p}")
+    _check(rollout.top_k == -1 or rollout.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
+    _check(0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    _check(rollout.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
+
+    _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {learner.zero_stage}")
+    _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")
+    _check(learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+    _check(learner.logprob_chunk >= 1, "learner.logprob_chunk", "must be >= 1")
+
+    _check(algo.prompts_per_step >= 1, "algorithm.prompts_per_step", "must be >= 1")
+    _choice("algorithm.advantage", algo.advantage, ADVANTAGES)
+    _choice("algorithm.aggregation", algo.aggregation, AGGREGATIONS)
+    _check(0 <= algo.clip_low < 1, "algorithm.clip_low", f"must be in [0, 1), got {algo.clip_low}")
+    _check(algo.clip_high >= 0, "algorithm.clip_high", "must be >= 0")
+    _check(algo.tis_cap == 0 or algo.tis_cap >= 1, "algorithm.tis_cap", "must be 0 (off) or >= 1")
+    if algo.advantage == "grpo":
+        _check(rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt",
+               "GRPO compares responses within a group: needs >= 2")
+    sequences = algo.prompts_per_step * rollout.samples_per_prompt
+    _check(sequences % learner.world_size == 0, "algorithm.prompts_per_step",
+           f"prompts_per_step x samples_per_prompt = {sequences} sequences must split evenly over "
+           f"learner.world_size={learner.world_size} ranks")
+    per_rank = sequences // learner.world_size
+    _check(per_rank % learner.micro_batch_size == 0, "learner.micro_batch_size",
+           f"each rank trains {per_rank} sequences per step, not a multiple of micro_batch_size="
+           f"{learner.micro_batch_size}")
+
+    _choice("algorithm.kd.divergence", kd.divergence, DISTRIBUTION_DIVERGENCES)
+    _choice("algorithm.kd.estimator", kd.estimator, KD_ESTIMATORS)
+    _choice("algorithm.kd.schedule", kd.schedule, SCHEDULES)
+    _choice("algorithm.kd.mask", kd.mask, KD_MASKS)
+    _choice("algorithm.kd.norm", kd.norm, KD_NORMS)
+    _check(kd.coef >= 0, "algorithm.kd.coef", "must be >= 0")
+    _check(0 <= kd.coef_min <= kd.coef or kd.schedule == "constant", "algorithm.kd.coef_min", "must be in [0, coef]")
+    _check(kd.decay >= 0, "algorithm.kd.decay", "must be >= 0")
+    _check(0 <= kd.beta <= 1, "algorithm.kd.beta", "must be in [0, 1]")
+    _check(0 <= kd.skew < 1, "algorithm.kd.skew", "must be in [0, 1)")
+    if kd.estimator != "topk":
+        _check(kd.divergence == "reverse_kl", "algorithm.kd.estimator",
+               f"{kd.estimator} estimates KL(student || teacher) from sampled tokens; divergence "
+               f"{kd.divergence} needs the teacher's distribution: set algorithm.kd.estimator=topk and teacher.top_k")
+    else:
+        _check(teacher.top_k >= 1, "teacher.top_k", "algorithm.kd.estimator=topk needs teacher.top_k >= 1")
+
+    _choice("algorithm.rehearsal.divergence", reh.divergence, F_DIVERGENCES)
+    _check(reh.coef >= 0, "algorithm.rehearsal.coef", "must be >= 0")
+    _check(0 < reh.alpha < 1, "algorithm.rehearsal.alpha", "must be in (0, 1)")
+    _check(reh.samples_per_step >= 1, "algorithm.rehearsal.samples_per_step", "must be >= 1")
+    _check(1 <= reh.presample_min_correct <= reh.presample_samples, "algorithm.rehearsal.presample_min_correct",
+           "must be in [1, presample_samples]")
+    if reh.coef > 0:
+        _check(bool(reh.data_path), "algorithm.rehearsal.data_path",
+               "rehearsal.coef > 0 needs the presampled data (run `rayskd presample CONFIG`)")

@@ -1,0 +1,202 @@
+"""Learner: one rank of a DeepSpeed engine (ZeRO stage from the config; gloo on CPU, NCCL on
+GPU). train_step() computes the student's log-probs at the sampling temperature, the KDRL
+objective (+ DPH-RL rehearsal) and one optimizer update per rollout batch."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from .batch import RolloutShard, TeacherScores, concat_scores, concat_shards
+from .config import AlgorithmConfig, LearnerConfig
+from .losses import (
+    aggregate_denominator, group_advantages, hidden_logprobs, hidden_topk_divergence, kd_sequence_mask, kdrl_loss,
+    rehearsal_loss, truncated_is_weights,
+)
+from .modeling import load_causal_lm, response_hidden, vocab_limit
+from .weight_sync import pack_weights
+
+METRIC_SUMS = ("policy_loss", "kd_loss", "kd_kl_k1", "entropy", "clip_frac", "tokens", "mismatch_k3", "tis_weight",
+               "rehearsal_loss")
+
+
+class Learner:
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, sampling_temperature: float,
+                 max_new_tokens: int, samples_per_prompt: int, tokenizer_len: int, rank: int, world_size: int,
+                 master_addr: str, master_port: int, seed: int):
+        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
+        self.temperature, self.max_new_tokens = sampling_temperature, max_new_tokens
+        self.sequences_per_step = algo.prompts_per_step * samples_per_prompt
+        self.gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", auto_mpi_discovery=False)
+        torch.manual_seed(seed)
+        model = load_causal_lm(model_path, torch.float32, self.device)
+        self.vocab_size = vocab_limit(tokenizer_len, model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      betas=(0.9, 0.999), fused=self.gpu)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": self.micro_batches_per_step,
+            "train_batch_size": cfg.micro_batch_size * self.micro_batches_per_step * world_size,
+            # clipping also makes DeepSpeed check the global gradient norm: a non-finite one
+            # skips the update on every rank (see train_step)
+            "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 1e12,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": cfg.bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.rehearsal = None
+        if algo.rehearsal.coef > 0:
+            from .rehearsal import load_rehearsal
+
+            self.rehearsal = load_rehearsal(algo.rehearsal.data_path)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Backward passes per update on each rank: its share of the rollout batch (and of
+        the rehearsal chunk) in micro-batches. The config guarantees an even split."""
+        main = self.sequences_per_step // self.world_size // self.cfg.micro_batch_size
+        reh = self.algo.rehearsal
+        extra = math.ceil(reh.samples_per_step / self.world_size / self.cfg.micro_batch_size) if reh.coef > 0 else 0
+        return main + extra
+
+    def _forward_logp(self, fields, with_entropy=False):
+        """Hidden states at the response positions, the LM head, and log pi_theta(token) at
+        the sampling temperature (and its entropy)."""
+        h = response_hidden(self.engine.module, *fields, self.device)
+        w = self.engine.module.get_output_embeddings().weight
+        out = hidden_logprobs(h, w, fields[2].to(self.device), self.temperature, self.cfg.logprob_chunk,
+                              self.vocab_size, with_entropy)
+        return (h, w, *out) if with_entropy else (h, w, out)
+
+    def _backward(self, loss: torch.Tensor) -> int:
+        """Backward one micro-batch. A non-finite loss is turned into NaN gradients, which
+        DeepSpeed's global-norm check turns into a skipped update on every rank."""
+        bad = int(not torch.isfinite(loss))
+        if bad:
+            loss = loss * float("nan")
+        # DeepSpeed averages over ranks and micro-batches; our losses are already shares of
+        # the batch aggregate, so undo that averaging
+        self.engine.backward(loss * (self.world_size * self.micro_batches_per_step))
+        self.engine.step()
+        return bad
+
+    def train_step(self, step: int, coef: float, rehearsal_start: int, *parts) -> dict:
+        """One update on the batch made of `parts` = rollout shards, then their teacher scores.
+        Every rank receives the whole batch (so batch-level normalisers need no communication)
+        and trains its contiguous slice of sequences."""
+        t0 = time.perf_counter()
+        n = len(parts) // 2
+        batch: RolloutShard = concat_shards(list(parts[:n]))
+        scores: TeacherScores = concat_scores(list(parts[n:]), batch.response_ids_NR.shape[1])
+        algo, kd = self.algo, self.algo.kd
+        mask_NR = batch.response_mask_NR()
+        adv_N = group_advantages(batch.rewards_N, batch.group_size, algo.advantage)
+        kd_mask_N = kd_sequence_mask(batch.rewards_N, batch.group_size, kd.mask)
+        pg_total = aggregate_denominator(mask_NR, algo.aggregation, self.max_new_tokens)
+        kd_norm_mask = mask_NR * kd_mask_N[:, None] if kd.norm == "masked" else mask_NR
+        kd_total = aggregate_denominator(kd_norm_mask, algo.aggregation, self.max_new_tokens)
+
+        per_rank = batch.num_sequences // self.world_size
+        lo = self.rank * per_rank
+        sums = dict.fromkeys(METRIC_SUMS, 0.0)
+        mismatch_max, nonfinite = 0.0, 0
+        mb = self.cfg.micro_batch_size
+        skipped_before = self.engine.skipped_steps
+        for s in range(lo, lo + per_rank, mb):
+            sl = slice(s, s + mb)
+            fields = (batch.prompt_ids_NP[sl], batch.prompt_len_N[sl], batch.response_ids_NR[sl],
+                      batch.response_len_N[sl])
+            mask = mask_NR[sl].to(self.device)
+            h, w, logp, entropy = self._forward_logp(fields, with_entropy=True)
+            old_logp = logp.detach()  # one update per rollout batch: pi_old = pi_theta
+            sampler = batch.sampler_logp_NR[sl].to(self.device)
+            is_w = truncated_is_weights(old_logp, sampler, algo.tis_cap) if algo.tis_cap > 0 else None
+            kd_values = None
+            if kd.estimator == "topk":
+                kd_values = hidden_topk_divergence(
+                    h, w, scores.topk_ids_NRK[sl].to(self.device), scores.topk_logp_NRK[sl].to(self.device),
+                    kd.divergence, kd.beta, kd.skew, self.temperature, self.cfg.logprob_chunk, self.vocab_size)
+            loss, m = kdrl_loss(
+                logp, old_logp, adv_N[sl].to(self.device), mask, scores.logp_NR[sl].to(self.device), coef,
+                estimator=kd.estimator, kd_values=kd_values, kd_seq_mask=kd_mask_N[sl].to(self.device),
+                kd_norm=kd.norm, clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
+                is_weights=is_w, norm_len=self.max_new_tokens, pg_denominator=pg_total, kd_denominator=kd_total)
+            nonfinite += self._backward(loss)
+            tokens = float(mask.sum())
+            sums["tokens"] += tokens
+            sums["policy_loss"] += float(m["policy_loss"])
+            sums["kd_loss"] += float(m["kd_loss"])
+            sums["kd_kl_k1"] += float(m["kd_kl_k1"]) * tokens
+            sums["clip_frac"] += float(m["clip_frac"]) * tokens
+            sums["entropy"] += float((entropy * mask).sum())
+            with torch.no_grad():  # sampler (vLLM) vs learner log-probs of the same tokens
+                delta = (sampler - old_logp) * mask
+                sums["mismatch_k3"] += float(((torch.expm1(-delta) + delta) * mask).sum())
+                mismatch_max = max(mismatch_max, float(((sampler.exp() - old_logp.exp()).abs() * mask).max()))
+                if is_w is not None:
+                    sums["tis_weight"] += float((is_w * mask).sum())
+        if self.rehearsal is not None:
+            sums["rehearsal_loss"], bad = self._rehearsal_backward(rehearsal_start)
+            nonfinite += bad
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        skipped = nonfinite > 0 or self.engine.skipped_steps > skipped_before or not math.isfinite(grad_norm)
+        return {"rank": self.rank, "sums": sums, "mismatch_max": mismatch_max, "nonfinite": nonfinite,
+                "skipped": bool(skipped), "grad_norm": grad_norm, "train_s": time.perf_counter() - t0}
+
+    def _rehearsal_backward(self, start: int) -> tuple[float, int]:
+        """DPH-RL: coef x the f-divergence to the initial policy, token mean over a chunk of
+        cached reference samples, split over ranks and micro-batches."""
+        reh = self.algo.rehearsal
+        rows = self.rehearsal.take(start, reh.samples_per_step)
+        mask_all = rows.response_mask_NR()
+        total = max(float(mask_all.sum()), 1.0)
+        per_rank = math.ceil(reh.samples_per_step / self.world_size)
+        lo, mb = self.rank * per_rank, self.cfg.micro_batch_size
+        value, bad = 0.0, 0
+        for i in range(math.ceil(per_rank / mb)):
+            sl = slice(lo + i * mb, min(lo + (i + 1) * mb, lo + per_rank))
+            mask = mask_all[sl].to(self.device)
+            if mask.shape[0] == 0:  # nothing left for this rank: a zero loss keeps the collectives aligned
+                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+            else:
+                fields = (rows.prompt_ids_NP[sl], rows.prompt_len_N[sl], rows.response_ids_NR[sl],
+                          rows.response_len_N[sl])
+                _, _, logp = self._forward_logp(fields)
+                loss = rehearsal_loss(logp, rows.ref_logp_NR[sl].to(self.device), mask, reh.divergence, reh.alpha,
+                                      aggregation="token_mean") * (float(mask.sum()) / total)
+                value += float(loss)
+                loss = reh.coef * loss
+            bad += self._backward(loss)
+        return value, bad
+
+    def export_weights(self) -> bytes | None:
+        """The full student state dict as safetensors bytes, on rank 0 (every rank must call
+        this: under ZeRO-3 parameters are gathered collectively)."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        else:
+            state = module.state_dict() if self.rank == 0 else None
+        return pack_weights(state) if state is not None else None
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """log pi_theta of tokens 1..end of a fixed sequence (to check weight syncs)."""
+        ids = torch.tensor([token_ids], device=self.device)
+        logits = self.engine.module(input_ids=ids).logits[0, :-1, :self.vocab_size].float() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

