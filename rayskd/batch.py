@@ -18,6 +18,11 @@ def pad_rows(rows: list[list], pad=0, dtype=torch.long, width: int | None = None
     return out
 
 
+def length_mask(lengths_N: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, width] float mask of the first lengths_N[i] positions of each row."""
+    return (torch.arange(width)[None] < lengths_N[:, None]).float()
+
+
 @dataclass
 class PromptBatch:
     """Prompts chosen for one step (small metadata the driver may hold)."""
@@ -47,7 +52,7 @@ class RolloutShard:
         return self.response_ids_NR.shape[0]
 
     def response_mask_NR(self) -> torch.Tensor:
-        return (torch.arange(self.response_ids_NR.shape[1])[None] < self.response_len_N[:, None]).float()
+        return length_mask(self.response_len_N, self.response_ids_NR.shape[1])
 
 
 @dataclass
@@ -57,6 +62,19 @@ class TeacherScores:
     topk_ids_NRK: torch.Tensor | None = None
     topk_logp_NRK: torch.Tensor | None = None
     score_s: float = 0.0
+
+
+@dataclass
+class RehearsalRows:
+    """Cached samples of the initial student (DPH-RL) with their reference log-probs."""
+    prompt_ids_NP: torch.Tensor
+    prompt_len_N: torch.Tensor
+    response_ids_NR: torch.Tensor
+    response_len_N: torch.Tensor
+    ref_logp_NR: torch.Tensor
+
+    def response_mask_NR(self) -> torch.Tensor:
+        return length_mask(self.response_len_N, self.response_ids_NR.shape[1])
 
 
 def concat_shards(shards: list[RolloutShard]) -> RolloutShard:

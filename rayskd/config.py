@@ -92,6 +92,7 @@ class LearnerConfig:
     gpus_per_worker: float = 0.0
     zero_stage: int = 2
     lr: float = 1e-6
+    warmup_steps: int = 0  # linear warm-up of the learning rate over this many updates
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
@@ -132,6 +133,7 @@ class AlgorithmConfig:
     clip_high: float = 0.2
     aggregation: str = "token_mean"
     tis_cap: float = 0.0  # > 0: truncated importance sampling with this cap
+    pg_coef: float = 1.0  # weight of the GRPO term: 0 gives on-policy distillation only
     kd: KDConfig = field(default_factory=KDConfig)
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
 
@@ -261,6 +263,7 @@ def validate(cfg: Config) -> None:
 
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {learner.zero_stage}")
     _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")
+    _check(learner.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
     _check(learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
     _check(learner.logprob_chunk >= 1, "learner.logprob_chunk", "must be >= 1")
 
@@ -269,6 +272,9 @@ def validate(cfg: Config) -> None:
     _choice("algorithm.aggregation", algo.aggregation, AGGREGATIONS)
     _check(0 <= algo.clip_low < 1, "algorithm.clip_low", f"must be in [0, 1), got {algo.clip_low}")
     _check(algo.clip_high >= 0, "algorithm.clip_high", "must be >= 0")
+    _check(algo.pg_coef >= 0, "algorithm.pg_coef", "must be >= 0")
+    _check(algo.pg_coef > 0 or algo.kd.coef > 0 or algo.rehearsal.coef > 0, "algorithm.pg_coef",
+           "with pg_coef, kd.coef and rehearsal.coef all 0 there is nothing to train")
     _check(algo.tis_cap == 0 or algo.tis_cap >= 1, "algorithm.tis_cap", "must be 0 (off) or >= 1")
     if algo.advantage == "grpo":
         _check(rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt",

@@ -22,6 +22,17 @@ METRIC_SUMS = ("policy_loss", "kd_loss", "kd_kl_k1", "entropy", "clip_frac", "to
                "rehearsal_loss")
 
 
+def batch_stats(batch: RolloutShard) -> dict:
+    """Scalars describing a rollout batch, for the step's metrics."""
+    lengths = batch.response_len_N.float()
+    return {"reward_mean": float(batch.rewards_N.mean()), "reward_std": float(batch.rewards_N.std()),
+            "response_len_mean": float(lengths.mean()), "response_tokens": float(lengths.sum()),
+            "empty_frac": float((lengths == 0).float().mean()), "truncated_frac": float(batch.truncated_N.float().mean()),
+            "reward_errors": int(batch.stats.get("reward_errors", 0)),
+            "reward_timeouts": int(batch.stats.get("reward_timeouts", 0)),
+            "weights_version_sampled": batch.weights_version}
+
+
 class Learner:
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, sampling_temperature: float,
                  max_new_tokens: int, samples_per_prompt: int, tokenizer_len: int, rank: int, world_size: int,
@@ -54,12 +65,18 @@ class Learner:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        warmup = cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
         self.rehearsal = None
         if algo.rehearsal.coef > 0:
             from .rehearsal import load_rehearsal
 
             self.rehearsal = load_rehearsal(algo.rehearsal.data_path)
+
+    def ready(self) -> bool:
+        return True
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -131,7 +148,8 @@ class Learner:
                 logp, old_logp, adv_N[sl].to(self.device), mask, scores.logp_NR[sl].to(self.device), coef,
                 estimator=kd.estimator, kd_values=kd_values, kd_seq_mask=kd_mask_N[sl].to(self.device),
                 kd_norm=kd.norm, clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
-                is_weights=is_w, norm_len=self.max_new_tokens, pg_denominator=pg_total, kd_denominator=kd_total)
+                is_weights=is_w, norm_len=self.max_new_tokens, pg_denominator=pg_total, kd_denominator=kd_total,
+                pg_coef=algo.pg_coef)
             nonfinite += self._backward(loss)
             tokens = float(mask.sum())
             sums["tokens"] += tokens
@@ -149,11 +167,12 @@ class Learner:
         if self.rehearsal is not None:
             sums["rehearsal_loss"], bad = self._rehearsal_backward(rehearsal_start)
             nonfinite += bad
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        skipped = nonfinite > 0 or self.engine.skipped_steps > skipped_before or not math.isfinite(grad_norm)
+        skipped = nonfinite > 0 or self.engine.skipped_steps > skipped_before
         return {"rank": self.rank, "sums": sums, "mismatch_max": mismatch_max, "nonfinite": nonfinite,
-                "skipped": bool(skipped), "grad_norm": grad_norm, "train_s": time.perf_counter() - t0}
+                "skipped": bool(skipped), "grad_norm": grad_norm, "train_s": time.perf_counter() - t0,
+                "batch": batch_stats(batch) if self.rank == 0 else None}
 
     def _rehearsal_backward(self, start: int) -> tuple[float, int]:
         """DPH-RL: coef x the f-divergence to the initial policy, token mean over a chunk of
@@ -180,6 +199,19 @@ class Learner:
                 loss = reh.coef * loss
             bad += self._backward(loss)
         return value, bad
+
+    def save_pretrained(self, path: str, tokenizer_from: str) -> None:
+        """Write the student as a Hugging Face checkpoint (safetensors) with its tokenizer."""
+        state = self.export_weights()
+        if self.rank != 0:
+            return
+        from transformers import AutoTokenizer
+
+        from .weight_sync import unpack_weights
+
+        os.makedirs(path, exist_ok=True)
+        self.engine.module.save_pretrained(path, state_dict=unpack_weights(state), safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
 
     def export_weights(self) -> bytes | None:
         """The full student state dict as safetensors bytes, on rank 0 (every rank must call

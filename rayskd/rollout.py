@@ -79,6 +79,20 @@ class RolloutEngine:
             truncated_N=torch.tensor(truncated), uids_N=torch.tensor(uids), group_size=n,
             weights_version=self.version, stats=stats)
 
+    def evaluate(self, prompts: PromptBatch) -> tuple[float, int]:
+        """(sum of rewards, count) of greedy responses: held-out accuracy for exact-match rewards."""
+        shard = self.generate(prompts, step=0, greedy=True)
+        return float(shard.rewards_N.sum()), shard.num_sequences
+
+    def child_pids(self) -> list[tuple[str, int, float]]:
+        """(node ip, pid, start time) of the processes this engine started (vLLM's engine
+        core): the driver's last resort if this actor dies without shutting them down."""
+        import psutil
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        return [(ip, c.pid, c.create_time()) for c in psutil.Process().children(recursive=True)]
+
     def load_weights(self, blob: bytes, version: int) -> int:
         """Load the learner's weights (safetensors bytes) into the engine; returns the version."""
         self.llm.collective_rpc("rayskd_load_weights", args=(blob,))

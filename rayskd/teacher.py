@@ -22,6 +22,9 @@ class TeacherScorer:
         self.model = load_causal_lm(model_path, dtype, self.device).eval().requires_grad_(False)
         self.vocab_size = vocab_limit(tokenizer_len, self.model)
 
+    def ready(self) -> bool:
+        return True
+
     @torch.no_grad()
     def score(self, shard: RolloutShard) -> TeacherScores:
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-DEMO_VERSION = 4
+DEMO_VERSION = 6
 CHARS = "0123456789+="
 EOS = "<|endoftext|>"
 # head size 64 everywhere: vLLM's CPU attention refuses 16
@@ -22,10 +22,22 @@ TEACHER = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, in
                num_hidden_layers=2)
 STUDENT = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256,
                num_hidden_layers=2)
-# The teacher is trained to convergence; the student is the same family, 4x smaller, and
-# stopped early, so it solves few problems but can learn (it reaches >90% with more SFT).
+# The teacher is trained to convergence. The student is 4x smaller; it learns the task, then
+# picks up a systematic error (a short fine-tune on answers whose last digit is off by one),
+# so it solves few held-out problems while the knowledge to fix that is within its reach.
+# (An early-stopped student was tried first: from that point even plain SFT needs hundreds
+# of updates, so no on-policy method shows a gain within a CPU demo's budget.)
 RECIPE = dict(version=DEMO_VERSION, max_operand=99, n_eval=400, teacher=TEACHER, student=STUDENT,
-              teacher_steps=700, teacher_lr=2e-3, student_steps=150, student_lr=3e-3, batch_size=128)
+              teacher_steps=700, teacher_lr=2e-3, student_steps=400, student_lr=3e-3, batch_size=128,
+              student_bias_steps=20, student_bias_lr=1e-3,
+              # a teacher trained without smoothing puts log-probs of -20..-40 on wrong digits:
+              # reverse-KL log-ratios that large make the distillation gradient mostly noise
+              teacher_label_smoothing=0.1, student_label_smoothing=0.0)
+
+
+def off_by_one(rows):
+    """The student's systematic error: the last digit of every answer is one too high."""
+    return [{"prompt": r["prompt"], "answer": r["answer"][:-1] + str((int(r["answer"][-1]) + 1) % 10)} for r in rows]
 
 
 def make_task(seed: int, max_operand: int, n_eval: int):
@@ -80,7 +92,8 @@ def encode_batch(tok, rows, eos_id):
     return ids, attn, loss_mask
 
 
-def sft(model, tok, rows, steps: int, batch_size: int, lr: float, seed: int, log=print, name="model"):
+def sft(model, tok, rows, steps: int, batch_size: int, lr: float, seed: int, log=print, name="model",
+        label_smoothing: float = 0.0):
     eos_id = tok.eos_token_id
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -99,7 +112,8 @@ def sft(model, tok, rows, steps: int, batch_size: int, lr: float, seed: int, log
         ids, attn, lmask = encode_batch(tok, batch, eos_id)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="none").reshape(ids.shape[0], -1)
+                                                reduction="none", label_smoothing=label_smoothing
+                                                ).reshape(ids.shape[0], -1)
         loss = (nll * lmask[:, 1:]).sum() / lmask[:, 1:].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,7 +187,12 @@ def prepare_demo(out_dir: str, seed: int = 0, log=print) -> dict:
     for name, arch, mseed in (("teacher", TEACHER, seed + 1), ("student", STUDENT, seed + 2)):
         steps = RECIPE[f"{name}_steps"]
         model = make_model(arch, len(tok), tok.eos_token_id, mseed)
-        sft(model, tok, train, steps, RECIPE["batch_size"], RECIPE[f"{name}_lr"], mseed, log, name)
+        sft(model, tok, train, steps, RECIPE["batch_size"], RECIPE[f"{name}_lr"], mseed, log, name,
+            RECIPE[f"{name}_label_smoothing"])
+        if name == "student":
+            report["student_accuracy_before_bias"] = greedy_accuracy(model, tok, evals)
+            sft(model, tok, off_by_one(train), RECIPE["student_bias_steps"], RECIPE["batch_size"],
+                RECIPE["student_bias_lr"], mseed + 1, log, "student (off-by-one fine-tune)")
         model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
         report[f"{name}_accuracy"] = greedy_accuracy(model, tok, evals)
         report[f"{name}_params"] = sum(p.numel() for p in model.parameters())

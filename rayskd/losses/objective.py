@@ -59,8 +59,10 @@ def kdrl_loss(
     norm_len: int | None = None,
     pg_denominator: float | None = None,
     kd_denominator: float | None = None,
+    pg_coef: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KDRL: L = L_GRPO + coef * D(pi_theta || pi_T), both on the same student rollouts.
+    """KDRL: L = pg_coef * L_GRPO + coef * D(pi_theta || pi_T), both on the same student
+    rollouts (pg_coef = 0: on-policy distillation alone).
 
     logp/old_logp/teacher_logp/mask: [B, T] (teacher_logp: the teacher's log-prob of each
     sampled token); advantages [B]. estimator:
@@ -104,7 +106,7 @@ def kdrl_loss(
     }
     if kd_values is None:
         metrics["kd_loss"] = torch.zeros((), dtype=pg.dtype, device=pg.device)
-        return pg, metrics
+        return pg_coef * pg, metrics
 
     rho = torch.exp((logp - old_logp).detach().clamp(-20.0, 20.0))
     kd_tok = kd_values * rho
@@ -115,7 +117,7 @@ def kdrl_loss(
     else:
         raise ValueError(f"unknown KD normaliser {kd_norm!r}: expected one of {', '.join(KD_NORMS)}")
     metrics["kd_loss"] = kd.detach()
-    return pg + coef * kd, metrics
+    return pg_coef * pg + coef * kd, metrics
 
 
 def rehearsal_loss(

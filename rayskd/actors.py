@@ -1,0 +1,82 @@
+"""Thin Ray shells around the plain classes: actor groups, resources and placement.
+
+Each role (rollout, teacher, learner) is an ActorGroup: n actors of one plain class, each in
+its own bundle of a placement group, so counts and GPU fractions are config values only.
+Dispatch is explicit: `group.call("method", ...)` calls every actor, `group.actors[i]` one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class PlacementError(RuntimeError):
+    pass
+
+
+def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> dict:
+    b = {"CPU": num_cpus, **(resources or {})}
+    if num_gpus > 0:
+        b["GPU"] = num_gpus
+    return b
+
+
+class ActorGroup:
+    def __init__(self, name: str, cls, n: int, num_cpus: float, num_gpus: float, args_for, *,
+                 resources: dict | None = None, env_vars: dict | None = None, max_restarts: int = 0,
+                 ready_timeout_s: float = 600.0):
+        """`args_for(i, pg)` returns the constructor arguments of actor i (pg: this group's
+        placement group, ready)."""
+        self.name, self.n = name, n
+        self.pg = placement_group([bundle(num_cpus, num_gpus, resources)] * n, strategy="PACK",
+                                  name=f"rayskd-{name}-{os.getpid()}")
+        ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise PlacementError(
+                f"{name}: the cluster cannot place {n} x {bundle(num_cpus, num_gpus, resources)} within "
+                f"{ready_timeout_s:.0f}s; lower {name}.num_workers / gpus_per_worker or add nodes "
+                f"(available: {ray.available_resources()})")
+        remote_cls = ray.remote(cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_restarts=max_restarts,
+                max_task_retries=-1 if max_restarts else 0, name=f"rayskd-{name}-{i}-{os.getpid()}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env_vars} if env_vars else None,
+            ).remote(*args_for(i, self.pg))
+            for i in range(n)
+        ]
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """Call `method` on every actor; returns the object refs."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def kill(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:
+            pass
+
+
+def _node_address() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def rendezvous_address(pg, bundle_index: int = 0) -> tuple[str, int]:
+    """IP and a free port on the node of a placement-group bundle (the learners' rank 0)."""
+    fn = ray.remote(num_cpus=0)(_node_address).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index))
+    return ray.get(fn.remote())

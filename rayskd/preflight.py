@@ -1,0 +1,82 @@
+"""Checks that run before any actor starts: model paths, tokenizers, data, reward function.
+Every problem is a `UsageError` (exit status 2) with a message that says what to fix."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .config import Config
+from .data.dataset import DataError, PromptDataset, read_jsonl
+
+
+class UsageError(Exception):
+    """Bad input found before anything expensive started: exit status 2."""
+
+
+@dataclass
+class Inputs:
+    tokenizer_len: int
+    eos_id: int
+    train: PromptDataset
+    eval: PromptDataset | None
+    max_model_len: int
+
+
+def _check_model(key: str, path: str) -> None:
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"{key}: no Hugging Face model at {path} (expected a directory with config.json)")
+
+
+def _load_tokenizer(key: str, path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UsageError(f"{key}: cannot load the tokenizer at {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_inputs(cfg: Config, need_teacher: bool = True) -> Inputs:
+    _check_model("student.path", cfg.student.path)
+    student_tok = _load_tokenizer("student.path", cfg.student.path)
+    if need_teacher:
+        _check_model("teacher.path", cfg.teacher.path)
+        teacher_tok = _load_tokenizer("teacher.path", cfg.teacher.path)
+        # the teacher scores the student's token ids: the vocabularies must be the same
+        if student_tok.get_vocab() != teacher_tok.get_vocab():
+            s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+            diff = sorted(set(s.items()) ^ set(t.items()))[:3]
+            raise UsageError(f"teacher.path: the teacher's tokenizer differs from the student's ({len(s)} vs "
+                             f"{len(t)} tokens; e.g. {diff}): the teacher must score the same token ids")
+        if student_tok.eos_token_id != teacher_tok.eos_token_id:
+            raise UsageError(f"teacher.path: end-of-sequence ids differ (student {student_tok.eos_token_id}, "
+                             f"teacher {teacher_tok.eos_token_id})")
+    try:
+        train = PromptDataset(read_jsonl(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key),
+                              student_tok, cfg.data.max_prompt_tokens)
+        evals = None
+        if cfg.data.eval_path:
+            evals = PromptDataset(read_jsonl(cfg.data.eval_path, cfg.data.prompt_key, cfg.data.answer_key),
+                                  student_tok, cfg.data.max_prompt_tokens)
+    except DataError as e:
+        raise UsageError(f"data: {e}") from None
+    if len(train) == 0:
+        raise UsageError(f"data.train_path: every prompt is longer than data.max_prompt_tokens="
+                         f"{cfg.data.max_prompt_tokens} ({train.skipped_too_long} skipped)")
+    if len(train) < cfg.algorithm.prompts_per_step:
+        raise UsageError(f"algorithm.prompts_per_step={cfg.algorithm.prompts_per_step} is more than the "
+                         f"{len(train)} usable training prompts")
+    from transformers import AutoConfig
+
+    max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    limit = getattr(AutoConfig.from_pretrained(cfg.student.path), "max_position_embeddings", None)
+    if limit is not None and max_model_len > limit:
+        raise UsageError(f"data.max_prompt_tokens + rollout.max_new_tokens = {max_model_len} exceeds the student's "
+                         f"max_position_embeddings={limit}")
+    from .rewards.runner import RewardError, RewardRunner
+
+    try:  # import the reward function in a separate process, as training will
+        RewardRunner(cfg.reward.name, cfg.reward.function, cfg.reward.timeout_s, (os.getcwd(),)).close()
+    except RewardError as e:
+        raise UsageError(f"reward: {e}") from None
+    return Inputs(len(student_tok), student_tok.eos_token_id, train, evals, max_model_len)

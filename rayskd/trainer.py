@@ -1,0 +1,261 @@
+"""The driver. setup() places the actors, step() is one on-policy update, fit() runs the loop.
+
+Read `step()` first: each line is one hop of the algorithm. Token data moves between actors
+as Ray object refs; the driver only touches prompts, scalars and small metadata.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import ray
+
+from .actors import ActorGroup, rendezvous_address
+from .batch import PromptBatch
+from .config import Config, to_yaml
+from .learner import Learner
+from .losses import coef_at
+from .metrics import MetricsLog
+from .preflight import Inputs, UsageError, check_inputs
+from .rollout import RolloutEngine
+from .teacher import TeacherScorer
+
+STOP_AFTER_NONFINITE = 3
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def kill_leftovers(processes: list[tuple[str, int, float]]) -> None:
+    """SIGKILL engine processes that outlived their actor: only on this node, and only the
+    very process recorded (same pid and start time, so a reused pid is never hit)."""
+    import psutil
+
+    here = ray.util.get_node_ip_address() if ray.is_initialized() else None
+    for ip, pid, started in processes:
+        if ip != here:
+            continue
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - started) < 1e-3:
+                p.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, inputs: Inputs | None = None):
+        self.cfg = cfg
+        self.inputs = inputs or check_inputs(cfg)  # before anything expensive: UsageError, exit 2
+        from .data.dataset import PromptSampler
+
+        self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
+        self.step_num, self.weights_version, self.rehearsal_pos = 0, 0, 0
+        self.nonfinite_in_a_row = 0
+        self.rollout = self.teacher = self.learner = None
+        self._started_ray = False
+        self.engine_pids: list[tuple[str, int, float]] = []
+
+    # ---- set-up ----
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        run_dir = cfg.run.output_dir
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and cfg.run.resume == "never":
+            raise UsageError(f"run.output_dir: {run_dir} already holds a run; choose another output_dir "
+                             f"(or resume it)")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        self.log = MetricsLog(run_dir, cfg.run.steps)
+        self._init_ray()
+        env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gb),
+               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        inputs, extra_path = self.inputs, (os.getcwd(),)
+        t0 = time.time()
+        self.log.event(f"starting {cfg.rollout.num_workers} rollout, {cfg.teacher.num_workers} teacher and "
+                       f"{cfg.learner.world_size} learner actors")
+        self.rollout = ActorGroup(
+            "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
+            lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed + i, inputs.max_model_len,
+                           extra_path), env_vars=env)
+        self.teacher = ActorGroup(
+            "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
+            lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), env_vars=env)
+        master = {}
+
+        def learner_args(rank, pg):
+            if not master:
+                master["addr"], master["port"] = rendezvous_address(pg, 0)
+            return (cfg.student.path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
+                    cfg.rollout.samples_per_prompt, inputs.tokenizer_len, rank, cfg.learner.world_size,
+                    master["addr"], master["port"], cfg.run.seed)
+
+        self.learner = ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker,
+                                  learner_args, env_vars=env)
+        self.engine_pids = [p for pids in ray.get(self.rollout.call("child_pids")) for p in pids]
+        ray.get(self.teacher.call("ready") + self.learner.call("ready"))
+        self.log.event(f"actors ready in {time.time() - t0:.0f}s")
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+            return
+        cfg = self.cfg
+        needed = cfg.rollout.num_workers + cfg.teacher.num_workers + cfg.learner.world_size
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=True)
+        self._started_ray = True
+
+    # ---- one update ----
+
+    def step(self) -> dict:
+        """Sample prompts, generate, reward (inside the rollout workers), score with the
+        teacher, update the learners, push the weights to every rollout engine, log."""
+        cfg, t = self.cfg, {}
+        t0 = time.perf_counter()
+        prompts = self._next_prompts(cfg.algorithm.prompts_per_step)
+        shards = [w.generate.remote(p, self.step_num) for w, p in zip(self.rollout.actors, self._split(prompts))]
+        t["generate_s"] = self._wait(shards)
+        scores = [self.teacher.actors[i % self.teacher.n].score.remote(s) for i, s in enumerate(shards)]
+        t["score_s"] = self._wait(scores)
+        coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
+                       cfg.algorithm.kd.decay)
+        t0_train = time.perf_counter()
+        results = ray.get(self.learner.call("train_step", self.step_num, coef, self.rehearsal_pos, *shards, *scores))
+        t["train_s"] = time.perf_counter() - t0_train
+        self.step_num += 1
+        self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
+        t["sync_s"] = self.sync_weights()
+        record = self._record(results, coef, t, time.perf_counter() - t0)
+        self._check_finite(record)
+        return record
+
+    def _next_prompts(self, count: int) -> PromptBatch:
+        uids = self.sampler.next(count)
+        return self._prompt_batch(self.inputs.train, uids)
+
+    @staticmethod
+    def _prompt_batch(dataset, uids: list[int]) -> PromptBatch:
+        return PromptBatch(uids=uids, prompt_ids=[dataset.prompt_ids[u] for u in uids],
+                           prompts=[dataset.rows[u]["prompt"] for u in uids],
+                           answers=[dataset.rows[u]["answer"] for u in uids])
+
+    def _split(self, prompts: PromptBatch) -> list[PromptBatch]:
+        """Contiguous, near-equal shares of the prompts for each rollout worker."""
+        n, k = len(prompts.uids), self.rollout.n
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        return [PromptBatch(*(getattr(prompts, f)[a:b] for f in ("uids", "prompt_ids", "prompts", "answers")))
+                for a, b in zip(bounds, bounds[1:])]
+
+    @staticmethod
+    def _wait(refs: list) -> float:
+        t0 = time.perf_counter()
+        ray.wait(refs, num_returns=len(refs))
+        return time.perf_counter() - t0
+
+    def sync_weights(self) -> float:
+        """Push the learner's weights to every rollout engine; fails (never hangs) after
+        rollout.sync_timeout_s naming the engine that did not finish."""
+        t0 = time.perf_counter()
+        self.weights_version += 1
+        blobs = self.learner.call("export_weights")
+        loads = [w.load_weights.remote(blobs[0], self.weights_version) for w in self.rollout.actors]
+        ready, pending = ray.wait(loads, num_returns=len(loads), timeout=self.cfg.rollout.sync_timeout_s)
+        if pending:
+            late = [i for i, r in enumerate(loads) if r in pending]
+            raise TrainingError(f"weight sync: rollout worker(s) {late} did not load weights version "
+                                f"{self.weights_version} within rollout.sync_timeout_s={self.cfg.rollout.sync_timeout_s}s")
+        ray.get(ready + blobs[1:])
+        return time.perf_counter() - t0
+
+    def _record(self, results: list[dict], coef: float, t: dict, step_s: float) -> dict:
+        sums = {k: sum(r["sums"][k] for r in results) for k in results[0]["sums"]}
+        batch = results[0]["batch"]
+        tokens = max(sums["tokens"], 1.0)
+        record = {
+            "step": self.step_num, **batch,
+            "kd_divergence": sums["kd_kl_k1"] / tokens, "kd_loss": sums["kd_loss"], "kd_coef": coef,
+            "policy_loss": sums["policy_loss"], "entropy": sums["entropy"] / tokens,
+            "clip_frac": sums["clip_frac"] / tokens, "grad_norm": results[0]["grad_norm"],
+            "sampler_mismatch_max": max(r["mismatch_max"] for r in results),
+            "sampler_mismatch_k3": sums["mismatch_k3"] / tokens,
+            "tokens_per_s": batch["response_tokens"] / step_s, **t, "step_s": step_s,
+            "skipped_update": any(r["skipped"] for r in results),
+            "nonfinite_losses": sum(r["nonfinite"] for r in results),
+            "skipped_long_prompts": self.inputs.train.skipped_too_long, "weights_version": self.weights_version,
+        }
+        if self.cfg.algorithm.tis_cap > 0:
+            record["tis_weight_mean"] = sums["tis_weight"] / tokens
+        if self.cfg.algorithm.rehearsal.coef > 0:
+            record["rehearsal_loss"] = sums["rehearsal_loss"]
+        return record
+
+    def _check_finite(self, record: dict) -> None:
+        if record["skipped_update"]:
+            self.nonfinite_in_a_row += 1
+            self.log.event(f"step {record['step']}: non-finite loss or gradient, update skipped "
+                           f"({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= STOP_AFTER_NONFINITE:
+                raise TrainingError(f"{STOP_AFTER_NONFINITE} updates in a row had a non-finite loss or gradient; "
+                                    f"stopping (lower learner.lr or check the reward and teacher)")
+        else:
+            self.nonfinite_in_a_row = 0
+
+    # ---- evaluation and the loop ----
+
+    def evaluate(self) -> float | None:
+        """Held-out accuracy: greedy decoding on the rollout engines, mean reward."""
+        data = self.inputs.eval
+        if data is None:
+            return None
+        n = len(data) if not self.cfg.run.eval_max_prompts else min(len(data), self.cfg.run.eval_max_prompts)
+        batch = self._prompt_batch(data, list(range(n)))
+        results = ray.get([w.evaluate.remote(p) for w, p in zip(self.rollout.actors, self._split(batch))])
+        return sum(r[0] for r in results) / max(sum(r[1] for r in results), 1)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        summary = {"eval_before": self.evaluate()}
+        if summary["eval_before"] is not None:
+            self.log.event(f"held-out accuracy before training: {summary['eval_before']:.3f}")
+        record = {}
+        while self.step_num < cfg.run.steps:
+            record = self.step()
+            if cfg.run.eval_every and self.step_num % cfg.run.eval_every == 0 and self.step_num < cfg.run.steps:
+                record["eval_accuracy"] = self.evaluate()
+            if self.step_num == cfg.run.steps:
+                record["eval_accuracy"] = self.evaluate()
+            self.log.log(record)
+        summary["eval_after"] = record.get("eval_accuracy")
+        summary["final_model"] = self.save_final()
+        if summary["eval_before"] is not None:
+            self.log.event(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}")
+        return summary
+
+    def save_final(self) -> str:
+        path = os.path.join(self.cfg.run.output_dir, "final")
+        ray.get(self.learner.call("save_pretrained", path, self.cfg.student.path))
+        self.log.event(f"student saved to {path} (Hugging Face, safetensors)")
+        return path
+
+    # ---- tear-down: every path ----
+
+    def shutdown(self) -> None:
+        if self.rollout is not None:
+            try:
+                ray.wait(self.rollout.call("shutdown"), num_returns=self.rollout.n, timeout=60)
+            except Exception:
+                pass
+        for group in (self.rollout, self.teacher, self.learner):
+            if group is not None:
+                group.kill()
+        self.rollout = self.teacher = self.learner = None
+        kill_leftovers(self.engine_pids)
+        self.engine_pids = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

@@ -1,0 +1,64 @@
+"""The learner with a real DeepSpeed engine (one gloo rank, in this process) on the demo
+student: empty responses are valid samples, a non-finite loss skips the update."""
+import socket
+
+import pytest
+import torch
+
+from rayskd.batch import RolloutShard, TeacherScores, pad_rows
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def learner(demo_assets):
+    from rayskd.config import load_config
+    from rayskd.learner import Learner
+
+    cfg = load_config("configs/demo.yaml", ["learner.world_size=1", "algorithm.prompts_per_step=2",
+                                            "rollout.samples_per_prompt=2", "learner.micro_batch_size=2",
+                                            "learner.lr=1e-3"])
+    return Learner(cfg.student.path, cfg.learner, cfg.algorithm, 1.0, 6, 2, 13, 0, 1, "127.0.0.1", free_port(), 0)
+
+
+def shard(responses, rewards):
+    prompts = [[0, 7, 10, 4, 5, 11]] * len(responses)
+    n = len(responses)
+    return RolloutShard(pad_rows(prompts), torch.tensor([6] * n), pad_rows(responses),
+                        torch.tensor([len(r) for r in responses]), pad_rows([[-1.0] * len(r) for r in responses], 0.0,
+                                                                          torch.float32),
+                        torch.tensor(rewards), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), 2, 0)
+
+
+def params(learner):
+    return torch.cat([p.detach().flatten().clone() for p in learner.engine.module.parameters()])
+
+
+def test_empty_response_is_a_valid_sample(learner):
+    s = shard([[], [0, 5, 2, 12], [0, 5, 3, 12], [12]], [0.0, 1.0, 0.0, 0.0])
+    scores = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
+    before = params(learner)
+    out = learner.train_step(0, 1.0, 0, s, scores)
+    assert not out["skipped"] and out["nonfinite"] == 0
+    for key, value in out["sums"].items():
+        assert value == value and abs(value) != float("inf"), key
+    assert out["batch"]["empty_frac"] == 0.25
+    assert (params(learner) - before).abs().max() > 0  # the update happened
+
+
+def test_non_finite_loss_skips_the_update(learner):
+    s = shard([[0, 5, 2, 12], [0, 5, 3, 12], [0, 1, 12], [1, 12]], [1.0, 0.0, 0.0, 0.0])
+    scores = TeacherScores(logp_NR=torch.full((4, 4), float("nan")))
+    before = params(learner)
+    out = learner.train_step(1, 1.0, 0, s, scores)
+    assert out["skipped"] and out["nonfinite"] >= 1
+    assert torch.equal(params(learner), before)  # weights untouched
+    good = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
+    out = learner.train_step(2, 1.0, 0, s, good)  # and the next finite step trains normally
+    assert not out["skipped"] and not torch.equal(params(learner), before)
