@@ -225,9 +225,8 @@ class Trainer:
         record = {}
         while self.step_num < cfg.run.steps:
             record = self.step()
-            if cfg.run.eval_every and self.step_num % cfg.run.eval_every == 0 and self.step_num < cfg.run.steps:
-                record["eval_accuracy"] = self.evaluate()
-            if self.step_num == cfg.run.steps:
+            due = cfg.run.eval_every and self.step_num % cfg.run.eval_every == 0
+            if (due or self.step_num == cfg.run.steps) and self.inputs.eval is not None:
                 record["eval_accuracy"] = self.evaluate()
             self.log.log(record)
         summary["eval_after"] = record.get("eval_accuracy")
