@@ -23,37 +23,82 @@ def cmd_prepare_demo(args) -> int:
     return 0
 
 
-def _terminate_on_sigterm():
-    """SIGTERM (Ray job stop, a scheduler) unwinds like Ctrl-C so that every actor and vLLM
-    engine is shut down."""
-    import signal
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def cmd_train(args) -> int:
+def _run(cfg) -> int:
     from .trainer import Trainer, TrainingError
 
-    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)  # checks every input before anything starts
-    _terminate_on_sigterm()
+
+    def on_sigterm(signum, frame):  # Ray job stop, a scheduler: checkpoint after this step, then exit
+        trainer.stop_requested = True
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         trainer.setup()
         summary = trainer.fit()
     except TrainingError as e:
         print(f"rayskd: training stopped: {e}", file=sys.stderr)
+        print(f"rayskd: continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("rayskd: interrupted; actors shut down", file=sys.stderr)
+        print(f"rayskd: interrupted; actors shut down. Continue with `rayskd resume {cfg.run.output_dir}`",
+              file=sys.stderr)
         return 130
+    except Exception as e:  # an actor raised: say what, not where in Ray it surfaced
+        cause = getattr(e, "cause", None) or e
+        print(f"rayskd: training stopped: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print(f"rayskd: continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`",
+              file=sys.stderr)
+        return 1
     finally:
         trainer.shutdown()
     print(f"run directory: {cfg.run.output_dir}")
-    if summary.get("eval_before") is not None:
+    if summary.get("eval_before") is not None and summary.get("eval_after") is not None:
         print(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    return _run(load_config(args.config, args.overrides))
+
+
+def cmd_resume(args) -> int:
+    import os
+
+    config = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        raise UsageError(f"{args.run_dir} is not a rayskd run directory (no config.yaml)")
+    return _run(load_config(config, [*args.overrides, "run.resume=auto",
+                                     f"run.output_dir={os.path.abspath(args.run_dir)}"]))
+
+
+def cmd_submit(args) -> int:
+    from . import jobs
+
+    job_id = jobs.submit(args.address, args.config, args.overrides)
+    print(job_id, flush=True)
+    if args.follow:
+        final = jobs.follow(args.address, job_id)
+        print(f"{job_id}: {final}")
+        return 0 if final == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_job(args) -> int:
+    from . import jobs
+
+    if args.command == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.command == "logs":
+        if args.follow:
+            jobs.follow(args.address, args.job_id)
+        else:
+            print(jobs.logs(args.address, args.job_id), end="")
+    else:
+        jobs.stop(args.address, args.job_id)
+        print(f"{args.job_id}: stop requested (the run checkpoints after its current step)")
     return 0
 
 
@@ -78,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.num_workers=2")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("submit", help="submit a training run to a Ray cluster as a Ray job; prints the job id")
+    s.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_submit)
+    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job (it checkpoints first)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("job_id")
+        s.add_argument("--address")
+        if name == "logs":
+            s.add_argument("--follow", action="store_true")
+        s.set_defaults(fn=cmd_job)
+
+    s = sub.add_parser("resume", help="continue a run from its newest complete checkpoint")
+    s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. run.steps=200 to train longer")
+    s.set_defaults(fn=cmd_resume)
 
     s = sub.add_parser("presample", help="DPH-RL: sample the initial student and store reliably solved "
                                          "responses with reference log-probs (algorithm.rehearsal.data_path)")

@@ -200,9 +200,65 @@ class Learner:
             bad += self._backward(loss)
         return value, bad
 
-    def save_pretrained(self, path: str, tokenizer_from: str) -> None:
+    # ---- checkpoints (rayskd's own format: no pickled objects, see checkpoint.py) ----
+
+    def _zero_partitions(self):
+        """ZeRO-1/2: this rank's fp32 master partitions; None for stage 0."""
+        return getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None)
+
+    def _inner_optimizer(self):
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer) if self._zero_partitions() is not None \
+            else self.engine.optimizer
+
+    def save_state(self, directory: str, tokenizer_from: str) -> None:
+        """Write this rank's part of a checkpoint into `directory` (the staging directory)."""
+        from safetensors.torch import save_file
+
+        if self.cfg.zero_stage == 3:
+            raise NotImplementedError("checkpoints of ZeRO stage 3 learners are not implemented yet")
+        blob = self.export_weights()
+        if self.rank == 0:
+            from .weight_sync import unpack_weights
+
+            save_file(unpack_weights(blob), os.path.join(directory, "model.safetensors"))
+            self.save_pretrained(os.path.join(directory, "hf"), tokenizer_from, blob)
+        parts = self._zero_partitions()
+        if parts is not None:
+            save_file({f"group{i}": t.detach().contiguous() for i, t in enumerate(parts)},
+                      os.path.join(directory, f"learner_rank{self.rank}.safetensors"))
+        torch.save({"optimizer": self._inner_optimizer().state_dict(),
+                    "scheduler": self.engine.lr_scheduler.state_dict(),
+                    "counters": {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                                 "skipped_steps": self.engine.skipped_steps},
+                    "rng": torch.get_rng_state(), "world_size": self.world_size, "zero_stage": self.cfg.zero_stage},
+                   os.path.join(directory, f"learner_rank{self.rank}.pt"))
+
+    def load_state(self, directory: str) -> None:
+        """Restore weights, optimizer, scheduler and counters exactly (same world size and stage)."""
+        from safetensors.torch import load_file
+
+        state = torch.load(os.path.join(directory, f"learner_rank{self.rank}.pt"), weights_only=True)
+        if (state["world_size"], state["zero_stage"]) != (self.world_size, self.cfg.zero_stage):
+            raise ValueError(f"checkpoint {directory} was written by {state['world_size']} ranks at ZeRO stage "
+                             f"{state['zero_stage']}; this run has {self.world_size} at stage {self.cfg.zero_stage}")
+        weights = load_file(os.path.join(directory, "model.safetensors"))
+        with torch.no_grad():
+            for name, p in self.engine.module.named_parameters():
+                p.data.copy_(weights[name].to(p.dtype))  # in place: ZeRO's flat buffers stay shared
+        parts = self._zero_partitions()
+        if parts is not None:
+            saved = load_file(os.path.join(directory, f"learner_rank{self.rank}.safetensors"))
+            for i, t in enumerate(parts):
+                t.data.copy_(saved[f"group{i}"])
+        self._inner_optimizer().load_state_dict(state["optimizer"])
+        self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        for key, value in state["counters"].items():
+            setattr(self.engine, key, value)
+        torch.set_rng_state(state["rng"])
+
+    def save_pretrained(self, path: str, tokenizer_from: str, blob: bytes | None = None) -> None:
         """Write the student as a Hugging Face checkpoint (safetensors) with its tokenizer."""
-        state = self.export_weights()
+        state = blob if blob is not None else self.export_weights()
         if self.rank != 0:
             return
         from transformers import AutoTokenizer

@@ -11,6 +11,7 @@ import time
 
 import ray
 
+from . import checkpoint
 from .actors import ActorGroup, rendezvous_address
 from .batch import PromptBatch
 from .config import Config, to_yaml
@@ -22,6 +23,7 @@ from .rollout import RolloutEngine
 from .teacher import TeacherScorer
 
 STOP_AFTER_NONFINITE = 3
+RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob difference| on a fixed sequence
 
 
 class TrainingError(RuntimeError):
@@ -49,12 +51,17 @@ class Trainer:
     def __init__(self, cfg: Config, inputs: Inputs | None = None):
         self.cfg = cfg
         self.inputs = inputs or check_inputs(cfg)  # before anything expensive: UsageError, exit 2
+        run_dir = cfg.run.output_dir
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and cfg.run.resume == "never":
+            raise UsageError(f"run.output_dir: {run_dir} already holds a run; choose another output_dir "
+                             f"or continue it with `rayskd resume {run_dir}`")
         from .data.dataset import PromptSampler
 
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
         self.step_num, self.weights_version, self.rehearsal_pos = 0, 0, 0
         self.nonfinite_in_a_row = 0
         self.rollout = self.teacher = self.learner = None
+        self.stop_requested = False  # set by SIGTERM: checkpoint after the current step and exit
         self._started_ray = False
         self.engine_pids: list[tuple[str, int, float]] = []
 
@@ -63,9 +70,6 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         run_dir = cfg.run.output_dir
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and cfg.run.resume == "never":
-            raise UsageError(f"run.output_dir: {run_dir} already holds a run; choose another output_dir "
-                             f"(or resume it)")
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
@@ -98,6 +102,8 @@ class Trainer:
         self.engine_pids = [p for pids in ray.get(self.rollout.call("child_pids")) for p in pids]
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
+        if cfg.run.resume == "auto":
+            self.restore()
 
     def _init_ray(self) -> None:
         if ray.is_initialized():
@@ -205,6 +211,53 @@ class Trainer:
         else:
             self.nonfinite_in_a_row = 0
 
+    # ---- checkpoints and resume ----
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_num, "weights_version": self.weights_version, "rehearsal_pos": self.rehearsal_pos,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "sampler": self.sampler.state_dict(),
+                "learner_world_size": self.cfg.learner.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_num, self.weights_version = state["step"], state["weights_version"]
+        self.rehearsal_pos, self.nonfinite_in_a_row = state["rehearsal_pos"], state["nonfinite_in_a_row"]
+        self.sampler.load_state_dict(state["sampler"])
+
+    def save_checkpoint(self) -> str:
+        """Learners write their parts into a staging directory; the driver adds its state and
+        commits atomically (see checkpoint.py). Old checkpoints go only after that."""
+        cfg = self.cfg
+        staging = checkpoint.staging_dir(cfg.run.output_dir, self.step_num)
+        ray.get(self.learner.call("save_state", staging, cfg.student.path))
+        path = checkpoint.commit(cfg.run.output_dir, self.step_num, self.state_dict(), cfg.run.keep_checkpoints)
+        self.log.event(f"checkpoint: {path}")
+        return path
+
+    def restore(self) -> bool:
+        """Continue from the newest complete checkpoint: learner state, driver state, metrics
+        truncated to it, and the restored weights pushed to every rollout engine (checked)."""
+        found = checkpoint.latest(self.cfg.run.output_dir)
+        if found is None:
+            self.log.truncate_after(0)
+            self.log.event("no complete checkpoint: starting from the beginning")
+            return False
+        step, path = found
+        ray.get(self.learner.call("load_state", path))
+        self.load_state_dict(checkpoint.load_trainer_state(path))
+        self.log.truncate_after(step)
+        self.weights_version -= 1  # sync_weights() counts the push of the restored weights as this version again
+        self.sync_weights()
+        seq = self.inputs.train.prompt_ids[0] + [self.inputs.eos_id]
+        engines = ray.get([w.sequence_logprobs.remote(seq) for w in self.rollout.actors])
+        learner = ray.get(self.learner.actors[0].sequence_logprobs.remote(seq))
+        worst = max(abs(a - b) for e in engines for a, b in zip(e, learner))
+        if worst > RESUME_LOGPROB_TOLERANCE:
+            raise TrainingError(f"after restoring {path} the rollout engines disagree with the learner "
+                                f"(max |log-prob difference| {worst:.2e})")
+        self.log.event(f"resumed from {path} (step {step}); engines serve the restored weights "
+                       f"(max |log-prob difference| {worst:.1e})")
+        return True
+
     # ---- evaluation and the loop ----
 
     def evaluate(self) -> float | None:
@@ -219,7 +272,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        summary = {"eval_before": self.evaluate()}
+        summary = {"eval_before": self.evaluate() if self.step_num == 0 else None}
         if summary["eval_before"] is not None:
             self.log.event(f"held-out accuracy before training: {summary['eval_before']:.3f}")
         record = {}
@@ -229,6 +282,14 @@ class Trainer:
             if (due or self.step_num == cfg.run.steps) and self.inputs.eval is not None:
                 record["eval_accuracy"] = self.evaluate()
             self.log.log(record)
+            every = cfg.run.checkpoint_every
+            if (every and self.step_num % every == 0) or self.step_num == cfg.run.steps or self.stop_requested:
+                self.save_checkpoint()
+            if self.stop_requested:
+                self.log.event(f"stopped on request after step {self.step_num}; continue with "
+                               f"`rayskd resume {cfg.run.output_dir}`")
+                summary["stopped"] = True
+                return summary
         summary["eval_after"] = record.get("eval_accuracy")
         summary["final_model"] = self.save_final()
         if summary["eval_before"] is not None:

@@ -124,3 +124,40 @@ def test_weight_sync_engine_logprobs_match_learner(demo_assets, tmp_path, no_lef
     assert max(abs(a - b) for a, b in zip(engine, learner)) < 1e-4
     assert max(abs(a - b) for a, b in zip(learner, other_rank)) < 1e-5  # ranks hold the same weights
     assert max(abs(a - b) for a, b in zip(engine, before)) > 1e-3  # the engine serves new weights
+
+
+def test_presample_then_train_with_rehearsal(demo_assets, tmp_path, no_leftover_engines):
+    """DPH-RL: presample the initial student, keep reliably solved prompts with reference
+    log-probs, then train with the rehearsal term mixed in."""
+    assets, _ = demo_assets
+    config = os.path.abspath("configs/demo.yaml")
+    reh = tmp_path / "rehearsal.jsonl"
+    explore = tmp_path / "explore.jsonl"
+    # the demo student solves few problems; presample_min_correct=1 keeps any prompt solved once
+    common = [f"algorithm.rehearsal.data_path={reh}", "algorithm.rehearsal.presample_samples=4",
+              "algorithm.rehearsal.presample_min_correct=1"]
+    r = rayskd("presample", config, *common, "--max-prompts", "200", "--explore-out", str(explore))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(reh)]
+    assert rows, "no rehearsal samples"
+    for row in rows[:20]:
+        assert len(row["response_ids"]) == len(row["ref_logp"]) > 0
+        assert all(lp <= 0 for lp in row["ref_logp"])
+    assert len(open(explore).readlines()) + len({row["uid"] for row in rows}) == 200
+    run = tmp_path / "run"
+    r = rayskd("train", config, "run.steps=2", f"run.output_dir={run}", "algorithm.rehearsal.coef=0.1",
+               "algorithm.rehearsal.divergence=js", "algorithm.rehearsal.samples_per_step=16", *common, *FAST)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = metrics(run)
+    assert len(steps) == 2
+    # at step 1 the student is the reference: u = 1 and the f-divergence is exactly 0
+    assert abs(steps[0]["rehearsal_loss"]) < 1e-5
+    assert steps[1]["rehearsal_loss"] > 0
+
+
+def test_reward_that_returns_a_non_float_stops_the_run_naming_it(demo_assets, tmp_path, no_leftover_engines):
+    (tmp_path / "bad_reward.py").write_text("def score(prompt, completion, answer):\n    return None\n")
+    r = rayskd("train", os.path.abspath("configs/demo.yaml"), "run.steps=2", f"run.output_dir={tmp_path / 'run'}",
+               "reward.function=bad_reward:score", "learner.world_size=1", *FAST, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "bad_reward:score" in r.stderr and "finite float" in r.stderr

@@ -1,0 +1,95 @@
+"""Run directory and checkpoints: atomic save, find the newest complete one, prune old ones.
+
+Layout: RUN_DIR/checkpoints/step_000042/
+    model.safetensors          full student weights (rank 0)
+    hf/                        the student as a Hugging Face checkpoint (config, tokenizer, safetensors)
+    learner_rank{r}.pt         rank r's optimizer partition + scheduler (tensors and numbers only:
+                               loaded with torch.load(weights_only=True))
+    learner_rank{r}.safetensors rank r's fp32 master partition
+    trainer.json               driver state: step, sampler, weights version, rehearsal position, RNG
+    COMPLETE                   written last, inside the temporary directory
+A checkpoint is written under step_000042.tmp and renamed into place only when complete;
+a crash mid-write leaves a .tmp directory that is never read and is removed next time.
+Older checkpoints are deleted only after the new one is committed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MARKER = "COMPLETE"
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def staging_dir(run_dir: str, step: int) -> str:
+    """Where a checkpoint of `step` is written before it is committed."""
+    path = os.path.join(checkpoints_dir(run_dir), f"step_{step:06d}.tmp")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(run_dir: str, step: int, trainer_state: dict, keep: int) -> str:
+    """Write the driver's state and the marker, then atomically rename into place and prune."""
+    tmp = os.path.join(checkpoints_dir(run_dir), f"step_{step:06d}.tmp")
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump(trainer_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        f.write(str(step))
+        f.flush()
+        os.fsync(f.fileno())
+    final = os.path.join(checkpoints_dir(run_dir), f"step_{step:06d}")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(checkpoints_dir(run_dir))
+    prune(run_dir, keep)
+    return final
+
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    root = checkpoints_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, MARKER)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def latest(run_dir: str) -> tuple[int, str] | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and stale .tmp dirs."""
+    for _, path in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    root = checkpoints_dir(run_dir)
+    newest = latest(run_dir)
+    for name in os.listdir(root):
+        if name.endswith(".tmp") and (newest is None or int(name[5:-4]) <= newest[0]):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_trainer_state(path: str) -> dict:
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
