@@ -28,7 +28,7 @@ def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> d
 class ActorGroup:
     def __init__(self, name: str, cls, n: int, num_cpus: float, num_gpus: float, args_for, *,
                  resources: dict | None = None, env_vars: dict | None = None, max_restarts: int = 0,
-                 ready_timeout_s: float = 600.0):
+                 task_retries: int = 0, ready_timeout_s: float = 600.0):
         """`args_for(i, pg)` returns the constructor arguments of actor i (pg: this group's
         placement group, ready)."""
         self.name, self.n = name, n
@@ -45,7 +45,7 @@ class ActorGroup:
         self.actors = [
             remote_cls.options(
                 num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_restarts=max_restarts,
-                max_task_retries=-1 if max_restarts else 0, name=f"rayskd-{name}-{i}-{os.getpid()}",
+                max_task_retries=task_retries, name=f"rayskd-{name}-{i}-{os.getpid()}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env_vars} if env_vars else None,
             ).remote(*args_for(i, self.pg))

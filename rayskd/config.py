@@ -182,14 +182,15 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     except Exception as e:  # YAML syntax errors and the like
         raise ConfigError(path or "", _first_line(e)) from None
     for key in PATH_KEYS:
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if value:
             cfg = _replace(cfg, key, os.path.abspath(os.path.expanduser(value)))
     validate(cfg)
     return cfg
 
 
-def _get(cfg, key: str):
+def get_key(cfg, key: str):
+    """The value at a dotted key of a config."""
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg

@@ -30,9 +30,16 @@ def client(address: str | None):
 
 
 def submit(address: str | None, config_path: str, overrides: list[str], working_dir: str = ".") -> str:
-    from .config import load_config
+    from .config import PATH_KEYS, get_key, load_config
 
-    load_config(config_path, overrides)  # validate before submitting: ConfigError -> exit 2
+    cfg = load_config(config_path, overrides)  # validate before submitting: ConfigError -> exit 2
+    # Models, data and the run directory are not shipped with the code (and Ray's upload skips
+    # .gitignore'd files): pass them as absolute paths, which must be visible to the cluster's
+    # nodes (shared storage, or a head on this machine).
+    overrides = list(overrides) + [f"{key}={get_key(cfg, key)}" for key in PATH_KEYS
+                                   if get_key(cfg, key) and os.path.exists(get_key(cfg, key))]
+    if not any(o.startswith("run.output_dir=") for o in overrides):
+        overrides.append(f"run.output_dir={cfg.run.output_dir}")
     rel = os.path.relpath(os.path.abspath(config_path), os.path.abspath(working_dir))
     if rel.startswith(".."):
         from .preflight import UsageError

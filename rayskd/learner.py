@@ -30,7 +30,8 @@ def batch_stats(batch: RolloutShard) -> dict:
             "empty_frac": float((lengths == 0).float().mean()), "truncated_frac": float(batch.truncated_N.float().mean()),
             "reward_errors": int(batch.stats.get("reward_errors", 0)),
             "reward_timeouts": int(batch.stats.get("reward_timeouts", 0)),
-            "weights_version_sampled": batch.weights_version}
+            "weights_version_sampled": batch.weights_version,
+            "prompt_uids": sorted(set(batch.uids_N.tolist()))}
 
 
 class Learner:

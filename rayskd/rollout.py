@@ -79,6 +79,12 @@ class RolloutEngine:
             truncated_N=torch.tensor(truncated), uids_N=torch.tensor(uids), group_size=n,
             weights_version=self.version, stats=stats)
 
+    def generate_with_summary(self, prompts: PromptBatch, step: int) -> tuple[RolloutShard, dict]:
+        """generate(), plus a small summary the driver reads (so it learns of failures and of
+        the weights version without fetching token data)."""
+        shard = self.generate(prompts, step)
+        return shard, {"sequences": shard.num_sequences, "weights_version": shard.weights_version}
+
     def evaluate(self, prompts: PromptBatch) -> tuple[float, int]:
         """(sum of rewards, count) of greedy responses: held-out accuracy for exact-match rewards."""
         shard = self.generate(prompts, step=0, greedy=True)

@@ -23,6 +23,8 @@ from .rollout import RolloutEngine
 from .teacher import TeacherScorer
 
 STOP_AFTER_NONFINITE = 3
+MAX_ROLLOUT_RETRIES = 3
+RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
 RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob difference| on a fixed sequence
 
 
@@ -84,10 +86,12 @@ class Trainer:
         self.rollout = ActorGroup(
             "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
             lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed + i, inputs.max_model_len,
-                           extra_path), env_vars=env)
+                           extra_path), env_vars=env, max_restarts=MAX_ROLLOUT_RETRIES, task_retries=0)
+        # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
-            lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), env_vars=env)
+            lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), env_vars=env,
+            max_restarts=MAX_ROLLOUT_RETRIES, task_retries=MAX_ROLLOUT_RETRIES)
         master = {}
 
         def learner_args(rank, pg):
@@ -124,8 +128,9 @@ class Trainer:
         cfg, t = self.cfg, {}
         t0 = time.perf_counter()
         prompts = self._next_prompts(cfg.algorithm.prompts_per_step)
-        shards = [w.generate.remote(p, self.step_num) for w, p in zip(self.rollout.actors, self._split(prompts))]
-        t["generate_s"] = self._wait(shards)
+        t0_gen = time.perf_counter()
+        shards = self._generate(self._split(prompts))
+        t["generate_s"] = time.perf_counter() - t0_gen
         scores = [self.teacher.actors[i % self.teacher.n].score.remote(s) for i, s in enumerate(shards)]
         t["score_s"] = self._wait(scores)
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
@@ -139,6 +144,46 @@ class Trainer:
         record = self._record(results, coef, t, time.perf_counter() - t0)
         self._check_finite(record)
         return record
+
+    def _generate(self, parts: list[PromptBatch]) -> list:
+        """One generate call per rollout worker; returns refs to the shards. A worker that
+        dies is restarted by Ray; it then gets the current weights and the same prompts again
+        (same per-request seeds), so no prompt is lost or used twice."""
+        calls = [w.generate_with_summary.options(num_returns=2).remote(p, self.step_num)
+                 for w, p in zip(self.rollout.actors, parts)]
+        for attempt in range(MAX_ROLLOUT_RETRIES + 1):
+            failed = []
+            for i, (_, summary) in enumerate(calls):
+                try:
+                    ray.get(summary)
+                except RESTARTABLE as e:
+                    failed.append(i)
+                    self.log.event(f"rollout worker {i} failed during step {self.step_num + 1} "
+                                   f"({type(e).__name__}); retrying its {len(parts[i].uids)} prompts")
+            if not failed:
+                return [shard for shard, _ in calls]
+            if attempt == MAX_ROLLOUT_RETRIES:
+                break
+            for i in failed:
+                self._revive_rollout(i)
+                calls[i] = self.rollout.actors[i].generate_with_summary.options(num_returns=2).remote(
+                    parts[i], self.step_num)
+        raise TrainingError(f"rollout workers {failed} kept failing after {MAX_ROLLOUT_RETRIES} retries")
+
+    def _revive_rollout(self, i: int) -> None:
+        """Wait until Ray has restarted rollout worker i, then load the current weights."""
+        actor = self.rollout.actors[i]
+        deadline = time.time() + 600
+        while True:
+            try:
+                self.engine_pids += ray.get(actor.child_pids.remote(), timeout=60)
+                break
+            except (*RESTARTABLE, ray.exceptions.GetTimeoutError):
+                if time.time() > deadline:
+                    raise TrainingError(f"rollout worker {i} did not come back within 600 s") from None
+                time.sleep(2)
+        if self.weights_version > 0:
+            ray.get(actor.load_weights.remote(self.learner.call("export_weights")[0], self.weights_version))
 
     def _next_prompts(self, count: int) -> PromptBatch:
         uids = self.sampler.next(count)
@@ -175,7 +220,13 @@ class Trainer:
             late = [i for i, r in enumerate(loads) if r in pending]
             raise TrainingError(f"weight sync: rollout worker(s) {late} did not load weights version "
                                 f"{self.weights_version} within rollout.sync_timeout_s={self.cfg.rollout.sync_timeout_s}s")
-        ray.get(ready + blobs[1:])
+        ray.get(blobs[1:])
+        for i, ref in enumerate(loads):
+            try:
+                ray.get(ref)
+            except RESTARTABLE as e:  # died while loading: once restarted it gets the current weights
+                self.log.event(f"rollout worker {i} failed during the weight sync ({type(e).__name__})")
+                self._revive_rollout(i)
         return time.perf_counter() - t0
 
     def _record(self, results: list[dict], coef: float, t: dict, step_s: float) -> dict:
@@ -267,7 +318,16 @@ class Trainer:
             return None
         n = len(data) if not self.cfg.run.eval_max_prompts else min(len(data), self.cfg.run.eval_max_prompts)
         batch = self._prompt_batch(data, list(range(n)))
-        results = ray.get([w.evaluate.remote(p) for w, p in zip(self.rollout.actors, self._split(batch))])
+        parts = self._split(batch)
+        calls = [w.evaluate.remote(p) for w, p in zip(self.rollout.actors, parts)]
+        results = []
+        for i, ref in enumerate(calls):
+            try:
+                results.append(ray.get(ref))
+            except RESTARTABLE as e:
+                self.log.event(f"rollout worker {i} failed during evaluation ({type(e).__name__}); retrying")
+                self._revive_rollout(i)
+                results.append(ray.get(self.rollout.actors[i].evaluate.remote(parts[i])))
         return sum(r[0] for r in results) / max(sum(r[1] for r in results), 1)
 
     def fit(self) -> dict:

@@ -1,0 +1,70 @@
+"""A real Ray cluster on this machine: `ray start --head` (token authentication on) and the
+demo submitted to it as a Ray job with `rayskd submit`."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    port, dash = free_port(), free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    r = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                        "--dashboard-host=127.0.0.1", "--num-cpus=8", "--include-dashboard=true",
+                        f"--temp-dir={temp}"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_demo_to_a_local_head_and_wait_for_success(demo_assets, ray_head, tmp_path):
+    address, env = ray_head
+    run_dir = os.path.abspath(tmp_path / "job-run")
+    cmd = [sys.executable, "-m", "rayskd", "submit", "--address", address, "configs/demo.yaml", "run.steps=2",
+           "run.eval_every=0", "run.eval_max_prompts=32", f"run.output_dir={run_dir}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert re.match(r"^raysubmit_\w+$", job_id), r.stdout
+    deadline = time.time() + 900
+    status = ""
+    while time.time() < deadline:
+        s = subprocess.run([sys.executable, "-m", "rayskd", "status", job_id, "--address", address], env=env,
+                           capture_output=True, text=True, timeout=60)
+        status = s.stdout
+        if any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(5)
+    logs = subprocess.run([sys.executable, "-m", "rayskd", "logs", job_id, "--address", address], env=env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "SUCCEEDED" in status, status + logs[-3000:]
+    assert "step 2/2" in logs
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "step_000002", "COMPLETE"))
+
+
+def test_submit_rejects_a_bad_config_before_submitting(ray_head):
+    address, env = ray_head
+    r = subprocess.run([sys.executable, "-m", "rayskd", "submit", "--address", address, "configs/demo.yaml",
+                        "learner.lr=abc"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "learner.lr" in r.stderr
