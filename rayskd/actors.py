@@ -52,6 +52,11 @@ class ActorGroup:
             for i in range(n)
         ]
 
+    def nodes(self) -> list[str]:
+        """The Ray node id each actor's bundle was placed on."""
+        table = ray.util.placement_group_table(self.pg)
+        return [table["bundles_to_node_id"][i] for i in range(self.n)]
+
     def call(self, method: str, *args, **kwargs) -> list:
         """Call `method` on every actor; returns the object refs."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]

@@ -27,13 +27,7 @@ def _run(cfg) -> int:
     from .trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg)  # checks every input before anything starts
-
-    def on_sigterm(signum, frame):  # Ray job stop, a scheduler: checkpoint after this step, then exit
-        trainer.stop_requested = True
-
-    import signal
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    trainer.handle_sigterm()
     try:
         trainer.setup()
         summary = trainer.fit()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -67,6 +67,7 @@ class TeacherConfig:
     path: str = MISSING
     num_workers: int = 1
     gpus_per_worker: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
     micro_batch_size: int = 16
     temperature: float = 1.0  # the teacher is scored at this temperature
@@ -76,6 +77,7 @@ class TeacherConfig:
 class RolloutConfig:
     num_workers: int = 1
     gpus_per_worker: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     samples_per_prompt: int = 8
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -90,6 +92,7 @@ class RolloutConfig:
 class LearnerConfig:
     world_size: int = 1
     gpus_per_worker: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     zero_stage: int = 2
     lr: float = 1e-6
     warmup_steps: int = 0  # linear warm-up of the learning rate over this many updates
@@ -250,6 +253,10 @@ def validate(cfg: Config) -> None:
     _gpus("learner.gpus_per_worker", learner.gpus_per_worker)
     _check(learner.gpus_per_worker <= 1, "learner.gpus_per_worker", "a learner rank drives one GPU (use world_size)")
     _check(learner.world_size >= 1, "learner.world_size", "must be >= 1")
+    for section, c in (("rollout", rollout), ("teacher", teacher), ("learner", learner)):
+        for name, amount in c.resources.items():
+            _check(amount > 0 and name not in ("CPU", "GPU"), f"{section}.resources.{name}",
+                   "custom resources need a positive amount (set CPU/GPU with gpus_per_worker)")
     _check(teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     _check(teacher.micro_batch_size >= 1, "teacher.micro_batch_size", "must be >= 1")
     _check(teacher.temperature > 0, "teacher.temperature", "must be > 0")

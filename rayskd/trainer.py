@@ -5,6 +5,7 @@ as Ray object refs; the driver only touches prompts, scalars and small metadata.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -77,6 +78,7 @@ class Trainer:
             f.write(to_yaml(cfg))
         self.log = MetricsLog(run_dir, cfg.run.steps)
         self._init_ray()
+        self.handle_sigterm()  # after ray.init, which installs handlers of its own
         env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gb),
                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         inputs, extra_path = self.inputs, (os.getcwd(),)
@@ -86,12 +88,13 @@ class Trainer:
         self.rollout = ActorGroup(
             "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
             lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed + i, inputs.max_model_len,
-                           extra_path), env_vars=env, max_restarts=MAX_ROLLOUT_RETRIES, task_retries=0)
+                           extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
+            max_restarts=MAX_ROLLOUT_RETRIES, task_retries=0)
         # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
-            lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), env_vars=env,
-            max_restarts=MAX_ROLLOUT_RETRIES, task_retries=MAX_ROLLOUT_RETRIES)
+            lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), resources=dict(cfg.teacher.resources),
+            env_vars=env, max_restarts=MAX_ROLLOUT_RETRIES, task_retries=MAX_ROLLOUT_RETRIES)
         master = {}
 
         def learner_args(rank, pg):
@@ -102,12 +105,22 @@ class Trainer:
                     master["addr"], master["port"], cfg.run.seed)
 
         self.learner = ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker,
-                                  learner_args, env_vars=env)
+                                  learner_args, resources=dict(cfg.learner.resources), env_vars=env)
+        with open(os.path.join(run_dir, "placement.json"), "w") as f:
+            json.dump({g.name: g.nodes() for g in (self.rollout, self.teacher, self.learner)}, f, indent=1)
         self.engine_pids = [p for pids in ray.get(self.rollout.call("child_pids")) for p in pids]
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
         if cfg.run.resume == "auto":
             self.restore()
+
+    def handle_sigterm(self) -> None:
+        """SIGTERM (`ray job stop`, a scheduler) asks for a checkpoint after the current step
+        and a clean exit."""
+        def on_sigterm(signum, frame):
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def _init_ray(self) -> None:
         if ray.is_initialized():

@@ -80,3 +80,27 @@ def test_learner_failure_stops_with_resume_hint_and_no_partial_checkpoint(demo_a
     root = run / "checkpoints"
     committed = [d for d in os.listdir(root) if not d.endswith(".tmp")]
     assert committed and all((root / d / "COMPLETE").exists() for d in committed)
+
+
+def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(demo_assets, tmp_path,
+                                                                         no_leftover_engines):
+    run = tmp_path / "run"
+    args = ["run.steps=40", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
+    proc = start(os.path.abspath("configs/demo.yaml"), *args)
+    try:
+        wait_for_steps(run, 2, proc)
+        proc.send_signal(signal.SIGTERM)  # what `ray job stop` and schedulers send
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped on request" in out
+    from rayskd import checkpoint
+
+    step, _ = checkpoint.latest(str(run))
+    assert step == len(metrics(run)) and step < 40
+    r = subprocess.run([sys.executable, "-m", "rayskd", "resume", str(run), f"run.steps={step + 1}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in metrics(run)] == list(range(1, step + 2))
