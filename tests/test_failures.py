@@ -1,6 +1,7 @@
 """Worker failures with real processes: a rollout worker killed mid-run is restarted and its
 prompts retried (no prompt lost or used twice); a learner failure stops the run with a
 message that says how to resume, never leaving a checkpoint that looks complete but is not."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,9 +16,17 @@ from test_system import FAST, metrics
 pytestmark = pytest.mark.slow
 
 
-def start(config, *args):
-    return subprocess.Popen([sys.executable, "-m", "rayskd", "train", config, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+@contextlib.contextmanager
+def training(*args):
+    """`rayskd train configs/demo.yaml ARGS` in its own process group, killed whole on exit."""
+    proc = subprocess.Popen([sys.executable, "-m", "rayskd", "train", os.path.abspath("configs/demo.yaml"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def wait_for_steps(run, n, proc, timeout=600):
@@ -44,14 +53,10 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(de
 
     run = tmp_path / "run"
     args = ["run.steps=5", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
-    proc = start(os.path.abspath("configs/demo.yaml"), *args)
-    try:
+    with training(*args) as proc:
         wait_for_steps(run, 2, proc)
         kill_actor("RolloutEngine")
         out, err = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert "rollout worker 0 failed" in out
     rows = metrics(run)
@@ -66,15 +71,11 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(de
 def test_learner_failure_stops_with_resume_hint_and_no_partial_checkpoint(demo_assets, tmp_path,
                                                                           no_leftover_engines):
     run = tmp_path / "run"
-    proc = start(os.path.abspath("configs/demo.yaml"), "run.steps=50", "run.checkpoint_every=1",
-                 f"run.output_dir={run}", "learner.world_size=2", "run.eval_every=0", "run.eval_max_prompts=16")
-    try:
+    with training("run.steps=50", "run.checkpoint_every=1", f"run.output_dir={run}", "learner.world_size=2",
+                  "run.eval_every=0", "run.eval_max_prompts=16") as proc:
         wait_for_steps(run, 2, proc)
         kill_actor("Learner")
         out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert f"rayskd resume {run}" in err
     root = run / "checkpoints"
@@ -86,14 +87,10 @@ def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(demo_as
                                                                          no_leftover_engines):
     run = tmp_path / "run"
     args = ["run.steps=40", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
-    proc = start(os.path.abspath("configs/demo.yaml"), *args)
-    try:
+    with training(*args) as proc:
         wait_for_steps(run, 2, proc)
         proc.send_signal(signal.SIGTERM)  # what `ray job stop` and schedulers send
         out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped on request" in out
     from rayskd import checkpoint

@@ -21,6 +21,12 @@ def rayskd(*args, cwd=None, timeout=900):
                           env=env, timeout=timeout)
 
 
+def demo_paths(assets):
+    """Overrides pinning the demo's models and data, for runs started in another directory."""
+    return [f"student.path={assets}/student", f"teacher.path={assets}/teacher",
+            f"data.train_path={assets}/train.jsonl", f"data.eval_path={assets}/eval.jsonl"]
+
+
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -67,7 +73,7 @@ def test_user_data_reward_function_and_two_workers_per_role(demo_assets, tmp_pat
                f"data.train_path={tmp_path / 'mine.jsonl'}", "data.eval_path=null", "data.prompt_key=question",
                "data.answer_key=solution", "reward.function=my_rewards:half_credit", "rollout.num_workers=2",
                "teacher.num_workers=2", "learner.world_size=1", "learner.micro_batch_size=64",
-               f"student.path={assets}/student", f"teacher.path={assets}/teacher", *FAST, cwd=tmp_path)
+               *demo_paths(assets)[:2], *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = metrics(run)
     assert len(rows) == 2
@@ -158,6 +164,7 @@ def test_presample_then_train_with_rehearsal(demo_assets, tmp_path, no_leftover_
 def test_reward_that_returns_a_non_float_stops_the_run_naming_it(demo_assets, tmp_path, no_leftover_engines):
     (tmp_path / "bad_reward.py").write_text("def score(prompt, completion, answer):\n    return None\n")
     r = rayskd("train", os.path.abspath("configs/demo.yaml"), "run.steps=2", f"run.output_dir={tmp_path / 'run'}",
-               "reward.function=bad_reward:score", "learner.world_size=1", *FAST, cwd=tmp_path)
+               "reward.function=bad_reward:score", "learner.world_size=1", *demo_paths(demo_assets[0]), *FAST,
+               cwd=tmp_path)
     assert r.returncode == 1
     assert "bad_reward:score" in r.stderr and "finite float" in r.stderr
