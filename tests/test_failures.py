@@ -68,6 +68,19 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(de
         assert m["weights_version_sampled"] == m["step"] - 1  # the restarted engine got the current weights
 
 
+def test_killed_teacher_scorer_is_restarted_and_its_work_retried(demo_assets, tmp_path, no_leftover_engines):
+    run = tmp_path / "run"
+    with training("run.steps=4", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64",
+                  *FAST) as proc:
+        wait_for_steps(run, 1, proc)
+        kill_actor("TeacherScorer")
+        out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert all(m["kd_divergence"] is not None and m["kd_divergence"] > 0 for m in rows)
+
+
 def test_learner_failure_stops_with_resume_hint_and_no_partial_checkpoint(demo_assets, tmp_path,
                                                                           no_leftover_engines):
     run = tmp_path / "run"
