@@ -284,8 +284,8 @@ class Learner:
         return pack_weights(state) if state is not None else None
 
     @torch.no_grad()
-    def sequence_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
-        """log pi_theta of tokens 1..end of a fixed sequence (to check weight syncs)."""
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log pi_theta (temperature 1) of tokens 1..end of a fixed sequence (to check weight syncs)."""
         ids = torch.tensor([token_ids], device=self.device)
-        logits = self.engine.module(input_ids=ids).logits[0, :-1, :self.vocab_size].float() / temperature
+        logits = self.engine.module(input_ids=ids).logits[0, :-1, :self.vocab_size].float()
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

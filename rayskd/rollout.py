@@ -105,16 +105,14 @@ class RolloutEngine:
         self.version = version
         return version
 
-    def sequence_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
-        """The engine's log-prob of each token of a fixed sequence given its prefix
-        (token 1..end), at `temperature`: used to check that a weight sync took effect."""
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The engine's log-prob (temperature 1) of each token of a fixed sequence given its
+        prefix, tokens 1..end: used to check that a weight sync took effect."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
         out = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0]
-        if temperature == 1.0:
-            return [next(v.logprob for k, v in d.items() if k == t) for d, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
-        raise ValueError("prompt log-probs are pre-temperature: compare at temperature 1.0")
+        return [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def shutdown(self) -> None:
         if getattr(self, "rewards", None) is not None:

@@ -221,11 +221,12 @@ class Trainer:
         ray.wait(refs, num_returns=len(refs))
         return time.perf_counter() - t0
 
-    def sync_weights(self) -> float:
-        """Push the learner's weights to every rollout engine; fails (never hangs) after
-        rollout.sync_timeout_s naming the engine that did not finish."""
+    def sync_weights(self, version: int | None = None) -> float:
+        """Push the learner's weights to every rollout engine as `version` (default: the next
+        one); fails (never hangs) after rollout.sync_timeout_s naming the engine that did not
+        finish."""
         t0 = time.perf_counter()
-        self.weights_version += 1
+        self.weights_version = self.weights_version + 1 if version is None else version
         blobs = self.learner.call("export_weights")
         loads = [w.load_weights.remote(blobs[0], self.weights_version) for w in self.rollout.actors]
         ready, pending = ray.wait(loads, num_returns=len(loads), timeout=self.cfg.rollout.sync_timeout_s)
@@ -309,8 +310,7 @@ class Trainer:
         ray.get(self.learner.call("load_state", path))
         self.load_state_dict(checkpoint.load_trainer_state(path))
         self.log.truncate_after(step)
-        self.weights_version -= 1  # sync_weights() counts the push of the restored weights as this version again
-        self.sync_weights()
+        self.sync_weights(version=self.weights_version)  # the restored weights keep their version
         seq = self.inputs.train.prompt_ids[0] + [self.inputs.eos_id]
         engines = ray.get([w.sequence_logprobs.remote(seq) for w in self.rollout.actors])
         learner = ray.get(self.learner.actors[0].sequence_logprobs.remote(seq))
