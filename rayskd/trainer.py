@@ -80,7 +80,9 @@ class Trainer:
         self._init_ray()
         self.handle_sigterm()  # after ray.init, which installs handlers of its own
         env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gb),
-               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               # vLLM's INFO lines drown the progress; set VLLM_LOGGING_LEVEL=INFO to see them
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         inputs, extra_path = self.inputs, (os.getcwd(),)
         t0 = time.time()
         self.log.event(f"starting {cfg.rollout.num_workers} rollout, {cfg.teacher.num_workers} teacher and "
