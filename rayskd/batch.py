@@ -45,7 +45,7 @@ class RolloutShard:
     uids_N: torch.Tensor  # dataset row of each sequence's prompt
     group_size: int
     weights_version: int
-    stats: dict = field(default_factory=dict)  # reward_errors, reward_timeouts, generate_s
+    stats: dict = field(default_factory=dict)  # reward_errors, reward_timeouts
 
     @property
     def num_sequences(self) -> int:
@@ -61,7 +61,6 @@ class TeacherScores:
     logp_NR: torch.Tensor
     topk_ids_NRK: torch.Tensor | None = None
     topk_logp_NRK: torch.Tensor | None = None
-    score_s: float = 0.0
 
 
 @dataclass
@@ -103,8 +102,7 @@ def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
         return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
 
     return TeacherScores(logp_NR=cat([s.logp_NR for s in scores]), topk_ids_NRK=cat([s.topk_ids_NRK for s in scores]),
-                         topk_logp_NRK=cat([s.topk_logp_NRK for s in scores]),
-                         score_s=max(s.score_s for s in scores))
+                         topk_logp_NRK=cat([s.topk_logp_NRK for s in scores]))
 
 
 def sequences_for_forward(prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, pad_id: int = 0):

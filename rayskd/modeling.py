@@ -8,6 +8,9 @@ import torch
 from .batch import sequences_for_forward
 from .losses import hidden_logprobs
 
+# positions per chunk of the no-grad scoring log-softmax (teacher, presampling)
+SCORING_CHUNK = 4096
+
 
 def load_causal_lm(path: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM

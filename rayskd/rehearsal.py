@@ -43,7 +43,7 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
     `presample_min_correct` times, and write them with reference log-probs computed by the
     learner's forward pass at the sampling temperature (so u = pi_theta / pi_ref = 1 at the
     start). Optionally writes the other prompts (the exploration set) as training JSONL."""
-    from .modeling import load_causal_lm, response_logprobs, vocab_limit
+    from .modeling import SCORING_CHUNK, load_causal_lm, response_logprobs, vocab_limit
     from .preflight import check_inputs
     from .rollout import RolloutEngine
     from .trainer import Trainer
@@ -74,7 +74,7 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
             idx = torch.tensor(keep[s:s + 64])
             fields = (shard.prompt_ids_NP[idx], shard.prompt_len_N[idx], shard.response_ids_NR[idx],
                       shard.response_len_N[idx])
-            logp = response_logprobs(model, fields, cfg.rollout.temperature, 4096, vocab_limit(inputs.tokenizer_len, model),
+            logp = response_logprobs(model, fields, cfg.rollout.temperature, SCORING_CHUNK, vocab_limit(inputs.tokenizer_len, model),
                                      "cpu")
             for j, i in enumerate(idx.tolist()):
                 p, r = int(shard.prompt_len_N[i]), int(shard.response_len_N[i])

@@ -7,7 +7,6 @@ rewards, scored in a separate process (rewards/runner.py).
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -53,11 +52,9 @@ class RolloutEngine:
         """n responses for every prompt (groups contiguous). Sampling is seeded per prompt by
         (run seed, step, prompt uid), so results do not depend on which worker gets a prompt."""
         n = n or (1 if greedy else self.cfg.samples_per_prompt)
-        t0 = time.perf_counter()
         params = [self._params(n, greedy, (self.seed * 1_000_003 + step * 100_003 + uid) % (2**31))
                   for uid in prompts.uids]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params, use_tqdm=False)
-        gen_s = time.perf_counter() - t0
         prompt_rows, resp_rows, logp_rows, truncated, uids, items = [], [], [], [], [], []
         for i, out in enumerate(outputs):
             for sample in out.outputs:
@@ -71,7 +68,6 @@ class RolloutEngine:
                 text = self.tokenizer.decode([t for t in ids if t != self.eos_id], skip_special_tokens=True)
                 items.append((prompts.prompts[i], text, prompts.answers[i]))
         rewards, stats = self.rewards.score(items)
-        stats.update(generate_s=gen_s, reward_s=time.perf_counter() - t0 - gen_s)
         return RolloutShard(
             prompt_ids_NP=pad_rows(prompt_rows), prompt_len_N=torch.tensor([len(r) for r in prompt_rows]),
             response_ids_NR=pad_rows(resp_rows), response_len_N=torch.tensor([len(r) for r in resp_rows]),

@@ -4,14 +4,13 @@ when the divergence needs it), with a chunked log-softmax (not vLLM prompt_logpr
 measured 1.7x slower, 7.9x with top-20)."""
 from __future__ import annotations
 
-import time
 
 import torch
 
 from .batch import RolloutShard, TeacherScores
 from .config import TeacherConfig
 from .losses import hidden_topk_logprobs
-from .modeling import load_causal_lm, response_hidden, response_logprobs, vocab_limit
+from .modeling import SCORING_CHUNK, load_causal_lm, response_hidden, response_logprobs, vocab_limit
 
 
 class TeacherScorer:
@@ -27,7 +26,6 @@ class TeacherScorer:
 
     @torch.no_grad()
     def score(self, shard: RolloutShard) -> TeacherScores:
-        t0 = time.perf_counter()
         logps, top_ids, top_lps = [], [], []
         mb = self.cfg.micro_batch_size
         for s in range(0, shard.num_sequences, mb):
@@ -36,16 +34,15 @@ class TeacherScorer:
             if self.cfg.top_k > 0:
                 h = response_hidden(self.model, *fields, self.device)
                 lp, ids, top = hidden_topk_logprobs(h, self.model.get_output_embeddings().weight, fields[2].to(self.device),
-                                                    self.cfg.top_k, self.cfg.temperature, 4096, self.vocab_size)
+                                                    self.cfg.top_k, self.cfg.temperature, SCORING_CHUNK, self.vocab_size)
                 logps.append(lp.float().cpu())
                 top_ids.append(ids.cpu())
                 top_lps.append(top.float().cpu())
             else:
-                logps.append(response_logprobs(self.model, fields, self.cfg.temperature, 4096, self.vocab_size,
+                logps.append(response_logprobs(self.model, fields, self.cfg.temperature, SCORING_CHUNK, self.vocab_size,
                                                self.device).float().cpu())
         mask = shard.response_mask_NR()
         return TeacherScores(
             logp_NR=torch.cat(logps) * mask,
             topk_ids_NRK=torch.cat(top_ids) if top_ids else None,
-            topk_logp_NRK=torch.cat(top_lps) if top_lps else None,
-            score_s=time.perf_counter() - t0)
+            topk_logp_NRK=torch.cat(top_lps) if top_lps else None)

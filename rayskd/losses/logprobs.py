@@ -91,23 +91,6 @@ def hidden_logprobs(
     return logp, torch.cat(ents).reshape(lead)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024):
-    """The k most likely tokens and their full-vocabulary log-probs: ([..., k] ids, [..., k] logp)."""
-    lead = logits.shape[:-1]
-    flat = logits.reshape(-1, logits.shape[-1])
-    ids_out, lp_out = [], []
-    for start in range(0, flat.shape[0], chunk_size):
-        z = upcast(flat[start:start + chunk_size])
-        if temperature != 1.0:
-            z = z / temperature
-        lp = torch.log_softmax(z, dim=-1)
-        vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        ids_out.append(idx)
-        lp_out.append(vals)
-    kk = min(k, logits.shape[-1])
-    return torch.cat(ids_out).reshape(*lead, kk), torch.cat(lp_out).reshape(*lead, kk)
-
-
 @torch.no_grad()
 def hidden_topk_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor, k: int,
                          temperature: float = 1.0, chunk_size: int = 1024, vocab_size: int | None = None):

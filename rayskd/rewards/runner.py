@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import signal
-import time
 
 
 class RewardError(RuntimeError):
