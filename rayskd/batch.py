@@ -60,7 +60,7 @@ class TeacherScores:
     """The teacher's view of one rollout shard, aligned with its response tokens."""
     logp_NR: torch.Tensor
     topk_ids_NRK: torch.Tensor | None = None
-    topk_logp_NRK: torch.Tensor | None = None
+    topk_logp_NRK1: torch.Tensor | None = None
 
 
 @dataclass
@@ -102,7 +102,7 @@ def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
         return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
 
     return TeacherScores(logp_NR=cat([s.logp_NR for s in scores]), topk_ids_NRK=cat([s.topk_ids_NRK for s in scores]),
-                         topk_logp_NRK=cat([s.topk_logp_NRK for s in scores]))
+                         topk_logp_NRK1=cat([s.topk_logp_NRK1 for s in scores]))
 
 
 def sequences_for_forward(prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, pad_id: int = 0):

@@ -18,7 +18,7 @@ from .losses import (
 from .modeling import load_causal_lm, response_hidden, vocab_limit
 from .weight_sync import pack_weights
 
-METRIC_SUMS = ("policy_loss", "kd_loss", "kd_kl_k1", "entropy", "clip_frac", "tokens", "mismatch_k3", "tis_weight",
+METRIC_SUMS = ("policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "entropy", "clip_frac", "tokens", "mismatch_k3", "tis_weight",
                "rehearsal_loss")
 
 
@@ -143,7 +143,7 @@ class Learner:
             kd_values = None
             if kd.estimator == "topk":
                 kd_values = hidden_topk_divergence(
-                    h, w, scores.topk_ids_NRK[sl].to(self.device), scores.topk_logp_NRK[sl].to(self.device),
+                    h, w, scores.topk_ids_NRK[sl].to(self.device), scores.topk_logp_NRK1[sl].to(self.device),
                     kd.divergence, kd.beta, kd.skew, self.temperature, self.cfg.logprob_chunk, self.vocab_size)
             loss, m = kdrl_loss(
                 logp, old_logp, adv_N[sl].to(self.device), mask, scores.logp_NR[sl].to(self.device), coef,
@@ -156,7 +156,8 @@ class Learner:
             sums["tokens"] += tokens
             sums["policy_loss"] += float(m["policy_loss"])
             sums["kd_loss"] += float(m["kd_loss"])
-            sums["kd_kl_k1"] += float(m["kd_kl_k1"]) * tokens
+            sums["kd_k1_sum"] += float(m["kd_k1_sum"])
+            sums["kd_tokens"] += float(m["kd_tokens"])
             sums["clip_frac"] += float(m["clip_frac"]) * tokens
             sums["entropy"] += float((entropy * mask).sum())
             with torch.no_grad():  # sampler (vLLM) vs learner log-probs of the same tokens

@@ -45,4 +45,4 @@ class TeacherScorer:
         return TeacherScores(
             logp_NR=torch.cat(logps) * mask,
             topk_ids_NRK=torch.cat(top_ids) if top_ids else None,
-            topk_logp_NRK=torch.cat(top_lps) if top_lps else None)
+            topk_logp_NRK1=torch.cat(top_lps) if top_lps else None)

@@ -251,7 +251,9 @@ class Trainer:
         tokens = max(sums["tokens"], 1.0)
         record = {
             "step": self.step_num, **batch,
-            "kd_divergence": sums["kd_kl_k1"] / tokens, "kd_loss": sums["kd_loss"], "kd_coef": coef,
+            # masked mean over the tokens the teacher term saw (None when the KD mask selected none)
+            "kd_divergence": sums["kd_k1_sum"] / sums["kd_tokens"] if sums["kd_tokens"] else None,
+            "kd_tokens": int(sums["kd_tokens"]), "kd_loss": sums["kd_loss"], "kd_coef": coef,
             "policy_loss": sums["policy_loss"], "entropy": sums["entropy"] / tokens,
             "clip_frac": sums["clip_frac"] / tokens, "grad_norm": results[0]["grad_norm"],
             "sampler_mismatch_max": max(r["mismatch_max"] for r in results),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rayskd.losses import distribution_divergence
+from rayskd.losses.divergences import logsumexp_outside
 
 torch.set_default_dtype(torch.float64)
 V = 11
@@ -111,11 +112,17 @@ def test_minus_inf_logits_give_finite_values_and_gradients():
         torch.testing.assert_close(d, ref, rtol=1e-9, atol=1e-9)
 
 
+def teacher_topk(lp, k):
+    """What the teacher sends: top-k ids, and their log-probs followed by the tail log-mass."""
+    vals, ids = lp.topk(k, -1)
+    return torch.cat([vals, logsumexp_outside(lp, ids)], -1), ids
+
+
 @pytest.mark.parametrize("kind,kw", CASES)
 def test_topk_support_full_k_equals_full_divergence(kind, kw):
     s, t = logits(6)
     lp = torch.log_softmax(t, -1)
-    vals, ids = lp.topk(V, -1)
+    vals, ids = teacher_topk(lp, V)
     got = distribution_divergence(s, vals, kind, topk_ids=ids, **kw)
     torch.testing.assert_close(got, distribution_divergence(s, t, kind, **kw), rtol=1e-9, atol=1e-12)
     (g,) = torch.autograd.grad(got.sum(), s)
@@ -127,7 +134,7 @@ def test_topk_support_full_k_equals_full_divergence(kind, kw):
 def test_topk_support_is_exact_on_tail_bucket_and_lower_bound(kind, kw, k):
     s, t = logits(7)
     lp = torch.log_softmax(t, -1)
-    vals, ids = lp.topk(k, -1)
+    vals, ids = teacher_topk(lp, k)
     got = distribution_divergence(s, vals, kind, topk_ids=ids, **kw)
     q = torch.softmax(s, -1)
     for i in range(4):
@@ -150,8 +157,68 @@ def test_hidden_topk_divergence_matches_dense_with_gradients():
     h = torch.randn(2, 5, 6, generator=g).requires_grad_(True)
     w = torch.randn(V + 2, 6, generator=g)
     t = torch.log_softmax(torch.randn(2, 5, V, generator=g), -1)
-    vals, ids = t.topk(4, -1)
+    vals, ids = teacher_topk(t, 4)
     got = hidden_topk_divergence(h, w, ids, vals, "generalized_jsd", beta=0.3, chunk_size=3, vocab_size=V)
     ref = distribution_divergence(h @ w[:V].t(), vals, "generalized_jsd", beta=0.3, topk_ids=ids)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0], torch.autograd.grad(ref.sum(), h)[0])
+
+
+def test_topk_without_the_tail_value_is_refused():
+    s, t = logits(10)
+    vals, ids = torch.log_softmax(t, -1).topk(3, -1)
+    with pytest.raises(ValueError, match="tail log-mass"):
+        distribution_divergence(s, vals, "reverse_kl", topk_ids=ids)
+
+
+def tail_case(teacher_tail, student_tail, V=2000, k=20, seed=11):
+    """float64 logits over V tokens whose top-k (the same k tokens for both models) hold all
+    but `*_tail` of the probability mass: the tails are spread over the other V - k tokens."""
+    g = torch.Generator().manual_seed(seed)
+
+    def logits_with_tail(tail):
+        head = torch.log_softmax(torch.randn(k, generator=g), -1) + math.log1p(-tail)
+        rest = torch.log_softmax(torch.randn(V - k, generator=g), -1) + math.log(tail)
+        return torch.cat([head, rest])
+
+    return logits_with_tail(teacher_tail), logits_with_tail(student_tail), torch.arange(k)
+
+
+@pytest.mark.parametrize("kind,teacher_tail,student_tail", [
+    ("reverse_kl", 8.7e-12, 0.3),  # the review's case: fp32 gave 25.8 against 7.2
+    ("forward_kl", 0.4, 1e-10),    # fp32 gave 33 against 9.4 and a zero tail gradient
+    ("forward_kl", 1e-12, 1e-12),
+    ("js", 8.7e-12, 0.3),
+    ("generalized_jsd", 0.4, 1e-10),
+])
+def test_topk_tail_fp32_matches_float64_when_topk_mass_is_one(kind, teacher_tail, student_tail):
+    """Issue 8.2: top-k mass within 1e-12 of 1. The fp32 divergence and its gradient (on
+    every student logit, the tail's included) match the float64 reference, computed as
+    the explicit divergence of the two coarse-grained (k+1)-outcome distributions."""
+    t64, s64, ids = tail_case(teacher_tail, student_tail)
+    kw = {"beta": 0.3} if kind == "generalized_jsd" else {}
+
+    def reference():
+        s = s64.clone().requires_grad_(True)
+        q, p = torch.softmax(s, -1), torch.softmax(t64, -1)
+        outside = torch.ones(len(s64), dtype=torch.bool)
+        outside[ids] = False
+        q_c = torch.cat([q[ids], q[outside].sum().reshape(1)])
+        p_c = torch.cat([p[ids], p[outside].sum().reshape(1)])
+        value = naive(p_c, q_c, kind, **kw)
+        return value, torch.autograd.grad(value, s)[0]
+
+    def fp32():
+        s = s64.float().clone().requires_grad_(True)
+        lp_t = torch.log_softmax(t64.float(), -1)
+        vals = torch.cat([lp_t[ids], logsumexp_outside(lp_t, ids)])
+        value = distribution_divergence(s, vals, kind, topk_ids=ids, **kw)
+        return value, torch.autograd.grad(value, s)[0]
+
+    (v_ref, g_ref), (v32, g32) = reference(), fp32()
+    torch.testing.assert_close(v32.double(), v_ref, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(g32.double(), g_ref, rtol=2e-3, atol=1e-7)
+    tail_grad_ref = g_ref[len(ids):].sum()  # d/d(student tail logits), summed over the tail tokens
+    torch.testing.assert_close(g32[len(ids):].sum().double(), tail_grad_ref, rtol=2e-3, atol=1e-7)
+    if kind == "forward_kl" and student_tail == 1e-10:
+        assert tail_grad_ref < -0.3  # the review measured 0 here (-0.38 expected)

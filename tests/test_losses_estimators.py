@@ -169,3 +169,26 @@ def test_bad_kind_is_a_clear_error():
         kl_estimator(torch.zeros(2), torch.zeros(2), "kl")
     with pytest.raises(ValueError, match="alpha"):
         f_divergence(torch.zeros(2), "alpha", 1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamps_keep_real_gradients_and_only_stop_overflow(dtype):
+    """Issue 8.5: forward KL's rehearsal gradient f'(u) u = u - 1 -> -1 on forgotten tokens
+    (s = -25, where a clamp at -20 gave 0); k3's gradient 1 - exp(-delta) -> 1 at delta = +25;
+    and values that would overflow stay finite."""
+    s = torch.tensor([-25.0, -60.0, 25.0], dtype=dtype, requires_grad=True)
+    (g,) = torch.autograd.grad(f_divergence(s, "forward_kl").sum(), s)
+    torch.testing.assert_close(g, torch.expm1(s.detach()))
+    assert g[0] < -0.99 and g[1] < -0.99
+    for kind in ("reverse_kl", "js", "alpha"):  # every generator is finite and differentiable as u -> 0
+        (g,) = torch.autograd.grad(f_divergence(s, kind).sum(), s)
+        assert torch.isfinite(g).all(), kind
+    delta = torch.tensor([25.0, -25.0], dtype=dtype)
+    logp = delta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(kl_estimator(logp, torch.zeros_like(delta), "k3").sum(), logp)
+    torch.testing.assert_close(g, -torch.expm1(-delta))  # 1 - pi_ref/pi_theta, both signs
+    huge = torch.tensor([1e4, -1e4], dtype=dtype, requires_grad=True)
+    for value in (f_divergence(huge, "reverse_kl"), f_divergence(huge, "forward_kl"),
+                  kl_estimator(huge, torch.zeros_like(huge), "k3")):
+        (g,) = torch.autograd.grad(value.sum(), huge)
+        assert torch.isfinite(value).all() and torch.isfinite(g).all()

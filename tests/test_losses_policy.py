@@ -112,7 +112,55 @@ def test_kdrl_k2_equals_grpo_plus_coef_k2_and_masks_and_norms():
     pg = policy_loss(logp, on_old, adv, mask)
     torch.testing.assert_close(l_masked, pg + k2.sum() / (mask * seq[:, None]).sum())
     torch.testing.assert_close(l_all, pg + k2.sum() / mask.sum())
-    assert set(m) >= {"policy_loss", "kd_loss", "clip_frac", "kd_kl_k1"}
+    assert set(m) >= {"policy_loss", "kd_loss", "clip_frac", "kd_k1_sum", "kd_tokens"}
+
+
+def test_kd_divergence_metric_is_the_masked_mean_over_slices():
+    """Issue 8.3: the logged divergence is the k1 mean over the KD-masked tokens of the whole
+    batch, also when it is accumulated over micro-batches (sum and count kept apart)."""
+    B, T = 4, 3
+    logp = torch.zeros(B, T, requires_grad=True)
+    mask = torch.ones(B, T)
+    teacher = torch.tensor([-1.0, -1.0, 0.0, 0.0])[:, None].expand(B, T)  # k1 = 1 on rows 0-1, 0 on rows 2-3
+    seq = torch.tensor([1.0, 1.0, 0.0, 0.0])  # the KD mask selects rows 0-1
+    total_sum = total_n = 0.0
+    for sl in (slice(0, 2), slice(2, 4)):
+        _, m = kdrl_loss(logp[sl], logp[sl].detach(), torch.zeros(2), mask[sl], teacher[sl], 1.0, kd_seq_mask=seq[sl])
+        total_sum, total_n = total_sum + float(m["kd_k1_sum"]), total_n + float(m["kd_tokens"])
+    assert total_n == 6 and total_sum / total_n == 1.0  # the masked mean, not 0.5
+
+
+K1_CONFIGS = [
+    dict(pg_coef=0.0),
+    dict(pg_coef=0.0, kd_norm="masked", kd_seq_mask=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])),
+    dict(pg_coef=1.0, kd_norm="all", kd_seq_mask=torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])),
+    dict(pg_coef=2.0, is_weights="tis", aggregation="seq_mean_token_mean"),
+    dict(pg_coef=0.5, aggregation="seq_mean_token_sum_norm", norm_len=9, kd_denominator=11.0, pg_denominator=3.0),
+]
+
+
+@pytest.mark.parametrize("kw", K1_CONFIGS)
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_k1_reward_gradient_equals_k2_in_every_configuration(kw, on_policy):
+    """Issue 8.1: k1_reward is scaled like k2 (coef, sg(rho), the KD mask and normaliser),
+    not like the GRPO term (pg_coef, its normaliser, TIS weights), so its gradient equals
+    k2's whatever the configuration: with pg_coef = 0 it still trains."""
+    logp, old, adv, mask, _ = batch(6)
+    old = logp.detach() if on_policy else old
+    teacher = old - 0.7
+    kw = dict(kw)
+    if kw.get("is_weights") == "tis":
+        kw["is_weights"] = truncated_is_weights(old, old + 0.2 * torch.randn(old.shape), 2.0)
+
+    def grad_for(estimator):
+        loss, m = kdrl_loss(logp, old, adv, mask, teacher, 0.3, estimator=estimator, **kw)
+        return torch.autograd.grad(loss, logp)[0], m
+
+    (g_k1r, m_k1r), (g_k2, _) = grad_for("k1_reward"), grad_for("k2")
+    torch.testing.assert_close(g_k1r, g_k2, rtol=1e-12, atol=1e-14)
+    if kw.get("pg_coef") == 0.0:
+        assert g_k1r.abs().max() > 1e-3  # the teacher term trains on its own
+    assert float(m_k1r["kd_loss"]) != 0.0  # its value is k1 (weighted by rho), reported as kd_loss
 
 
 def test_kdrl_offpolicy_weights_teacher_term_by_rho():
@@ -218,8 +266,36 @@ def test_hidden_topk_logprobs_chunked():
     full = torch.log_softmax((h @ w[:12].t()) / 0.5, -1)
     torch.testing.assert_close(lp, full.gather(-1, ids[..., None]).squeeze(-1))
     v, i = full.topk(3, -1)
-    torch.testing.assert_close(tv, v)
+    torch.testing.assert_close(tv[..., :3], v)
     assert (ti == i).all()
+    outside = full.scatter(-1, i, -math.inf)
+    torch.testing.assert_close(tv[..., 3], torch.logsumexp(outside, -1))  # the tail log-mass
+
+
+@pytest.mark.parametrize("fn", ["hidden_logprobs", "hidden_topk_logprobs", "hidden_topk_divergence"])
+def test_bf16_hidden_states_give_fp32_logits(fn):
+    """Issue 8.6: with bf16 hidden states and LM head (a bf16 learner, the teacher on GPU),
+    each chunk's logits are formed in fp32: log-probs match float64 arithmetic on the same
+    bf16 inputs to fp32 rounding, where a bf16 product is off by up to ~1e-2."""
+    from rayskd.losses import hidden_topk_divergence, hidden_topk_logprobs
+    g = torch.Generator().manual_seed(12)
+    h = (torch.randn(3, 16, 64, generator=g) * 2).bfloat16()
+    w = (torch.randn(500, 64, generator=g) * 0.5).bfloat16()
+    ids = torch.randint(0, 500, (3, 16), generator=g)
+    full64 = torch.log_softmax(h.double() @ w.double().t(), -1)
+    if fn == "hidden_logprobs":
+        got, ref = hidden_logprobs(h, w, ids, chunk_size=7), full64.gather(-1, ids[..., None]).squeeze(-1)
+    elif fn == "hidden_topk_logprobs":
+        got, ref = hidden_topk_logprobs(h, w, ids, 5, chunk_size=7)[0], full64.gather(-1, ids[..., None]).squeeze(-1)
+    else:
+        teacher = torch.log_softmax(torch.randn(3, 16, 500, generator=g, dtype=torch.float32), -1)
+        vals, top = teacher.topk(5, -1)
+        vals = torch.cat([vals, torch.logsumexp(teacher.scatter(-1, top, -math.inf), -1, keepdim=True)], -1)
+        got = hidden_topk_divergence(h, w, top, vals, "reverse_kl", chunk_size=7)
+        from rayskd.losses import distribution_divergence
+        ref = distribution_divergence(h.double() @ w.double().t(), vals.double(), "reverse_kl", topk_ids=top)
+    assert got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])

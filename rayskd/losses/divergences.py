@@ -30,21 +30,34 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def topk_support(student_logp: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_logp: torch.Tensor):
+def logsumexp_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside `ids` [..., k] of log-probs `logp` [..., V],
+    as a logsumexp over the other tokens: exact when that mass is 1e-12 or 1e-30, where
+    log(1 - sum_k p) cancels to nothing in fp32. [..., V] -> [..., 1]. When `ids` cover the
+    vocabulary the result is the dtype's most negative finite number (mass 0)."""
+    hidden = logp.scatter(-1, ids, torch.finfo(logp.dtype).min)
+    return torch.logsumexp(hidden, dim=-1, keepdim=True)
+
+
+def topk_support(student_logp: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_tail_logp: torch.Tensor):
     """Coarse-grain both distributions onto the teacher's top-k tokens plus one tail bucket.
 
     ALGORITHMS.md section 5.3 option (b): both sides keep their true probability of each of
-    the k tokens and put the rest of their mass in the tail, log q_tail = log(1 - sum_k q).
-    Every divergence on this (k+1)-outcome support is a lower bound of the full-vocabulary
-    divergence (data processing) and equals it when k covers the vocabulary.
+    the k tokens and put the rest of their mass in the tail. Every divergence on this
+    (k+1)-outcome support is a lower bound of the full-vocabulary divergence (data
+    processing) and equals it when k covers the vocabulary.
+    student_logp [..., V]; topk_ids [..., k]; teacher_topk_tail_logp [..., k+1]: the teacher's
+    log-probs of the k tokens, then its tail log-mass (`logsumexp_outside`, computed where
+    the teacher's full distribution is). Both tails are logsumexps over the tokens outside
+    the top-k, never log(1 - exp(logsumexp_topk)), which loses the tail when the top-k
+    mass is within ~1e-7 of 1 in fp32.
     Returns (teacher_logp [..., k+1], student_logp [..., k+1]).
     """
-    def with_tail(logp_k):
-        tail = (-torch.expm1(torch.logsumexp(logp_k, dim=-1, keepdim=True).clamp_max(0.0)))
-        return torch.cat([logp_k, tail.clamp_min(torch.finfo(tail.dtype).tiny).log()], dim=-1)
-
-    student_k = student_logp.gather(-1, topk_ids)
-    return with_tail(upcast(teacher_topk_logp)), with_tail(student_k)
+    if teacher_topk_tail_logp.shape[-1] != topk_ids.shape[-1] + 1:
+        raise ValueError(f"the teacher's top-k log-probs need the tail log-mass as a (k+1)-th value: got "
+                         f"{teacher_topk_tail_logp.shape[-1]} values for k={topk_ids.shape[-1]}")
+    student = torch.cat([student_logp.gather(-1, topk_ids), logsumexp_outside(student_logp, topk_ids)], dim=-1)
+    return upcast(teacher_topk_tail_logp), student
 
 
 def distribution_divergence(
@@ -70,8 +83,8 @@ def distribution_divergence(
     Both logits are divided by `temperature`. `vocab_size` slices padded LM-head rows.
 
     Top-k teacher: pass `topk_ids` [..., k] and, as `teacher_logits`, the teacher's
-    full-vocabulary log-probs of those k tokens [..., k]; the divergence is then taken on the
-    top-k + tail support (see `topk_support`).
+    full-vocabulary log-probs of those k tokens followed by its tail log-mass [..., k+1]; the
+    divergence is then taken on the top-k + tail support (see `topk_support`).
     """
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]
@@ -116,17 +129,19 @@ def hidden_topk_divergence(
 ) -> torch.Tensor:
     """Per-position `distribution_divergence` on the teacher's top-k support, from the
     student's hidden states [..., H]: logits are formed `chunk_size` positions at a time and
-    recomputed in backward (checkpointed), never as one [positions, V] fp32 tensor."""
+    recomputed in backward (checkpointed), never as one [positions, V] fp32 tensor. The
+    logits are formed in fp32 whatever the model's dtype. `teacher_topk_logp` [..., k+1]
+    ends with the teacher's tail log-mass."""
     from torch.utils.checkpoint import checkpoint
 
-    weight = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]
+    weight = upcast(lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size])
     lead = topk_ids.shape[:-1]
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = topk_ids.reshape(-1, topk_ids.shape[-1])
     flat_t = teacher_topk_logp.reshape(-1, teacher_topk_logp.shape[-1])
 
     def chunk_fn(h, w, ids, t):
-        return distribution_divergence(h @ w.t(), t, kind, beta=beta, temperature=temperature, skew=skew, topk_ids=ids)
+        return distribution_divergence(upcast(h) @ w.t(), t, kind, beta=beta, temperature=temperature, skew=skew, topk_ids=ids)
 
     out = []
     for start in range(0, flat_ids.shape[0], chunk_size):

@@ -5,9 +5,18 @@ through the learner's log-probabilities.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-LOG_RATIO_CLAMP = 20.0
+
+def overflow_bound(dtype: torch.dtype) -> float:
+    """The largest log ratio s for which exp(s) * |s| (the largest term any generator or
+    estimator here forms) is finite in `dtype`: log(max) - 8, about 80.7 in fp32. Clamping
+    at this bound only ever touches values that would overflow; a tighter clamp (the DPH-RL
+    reference code uses +-20) zeroes real gradients, e.g. forward KL's (u - 1) -> -1 on the
+    tokens the policy has forgotten (s -> -inf)."""
+    return math.log(torch.finfo(dtype).max) - 8.0
 
 
 def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
@@ -27,7 +36,9 @@ def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch
     if kind == "k2":
         return 0.5 * delta.square()
     if kind == "k3":
-        delta = delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        # exp(-delta) overflows only for very negative delta; large positive delta is
+        # harmless (value ~ delta, gradient -> 1) and must keep its gradient
+        delta = delta.clamp(min=-overflow_bound(delta.dtype))
         return torch.expm1(-delta) + delta
     raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2 or k3")
 
@@ -45,10 +56,11 @@ def f_divergence(
       js         : f = u log u - (u+1) log((u+1)/2)       -> 2 * JS(pi_theta, pi_ref)
       alpha      : f = (u^(1-a) - (1-a) u - a) / (a(a-1)), a in (0,1); a->1 forward KL,
                    a->0 reverse KL.
-    The log ratio is clamped to +-20 (as the DPH-RL reference code does); `value_clamp`
-    optionally clamps the value too.
+    Every generator is finite for s -> -inf (u -> 0), so the log ratio is clamped from above
+    only, where exp(s) would overflow (`overflow_bound`); `value_clamp` optionally clamps the
+    value too.
     """
-    s = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    s = log_ratio.clamp(max=overflow_bound(log_ratio.dtype))
     u = torch.exp(s)
     if kind == "forward_kl":
         f = torch.expm1(s) - s

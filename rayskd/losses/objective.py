@@ -66,11 +66,15 @@ def kdrl_loss(
 
     logp/old_logp/teacher_logp/mask: [B, T] (teacher_logp: the teacher's log-prob of each
     sampled token); advantages [B]. estimator:
-      k2         coef * token-mean of delta^2/2, delta = logp - teacher_logp: unbiased
-                 reverse-KL gradient (the paper's choice);
+      k2         coef * token-mean of delta^2/2, delta = logp - teacher_logp: gradient
+                 delta * grad(logp), an unbiased reverse-KL gradient (the paper's choice);
       k3         coef * token-mean of k3: a forward-KL-like gradient;
-      k1_reward  no separate term: the per-token advantage becomes A_i - coef * sg(delta_t)
-                 (same expected gradient as k2 on-policy);
+      k1_reward  the k1 penalty -coef * sg(delta) as a per-token reward, written as the
+                 importance-sampled term sg(delta) * pi_theta / sg(pi_theta): its value is
+                 k1 (an unbiased KL estimate) and its gradient sg(delta) * grad(logp) is
+                 exactly k2's. It gets everything the teacher term gets (coef, sg(rho), the
+                 KD mask and normaliser) and nothing the GRPO term gets (pg_coef, the GRPO
+                 normaliser, clipping, TIS weights);
       topk       `kd_values` [B, T] are the per-token divergences the caller computed over the
                  teacher's top-k support (`distribution_divergence(..., topk_ids=...)`).
     The teacher term is weighted per token by sg(rho), rho = pi_theta / pi_old, which is 1
@@ -78,14 +82,15 @@ def kdrl_loss(
     `kd_sequence_mask`) selects responses; kd_norm 'masked' divides by the selected tokens,
     'all' by every response token. `pg_denominator` / `kd_denominator` are the normalisers
     of the whole batch when this call sees one slice of it (see `aggregate`). Returns
-    (loss, detached metrics).
+    (loss, detached metrics); the metrics `kd_k1_sum` / `kd_tokens` are the sum of the k1
+    value of KL(student || teacher) over the KD-masked tokens and their count, so that slices
+    can be added before dividing.
     """
     seq_mask = torch.ones(mask.shape[0], dtype=mask.dtype, device=mask.device) if kd_seq_mask is None \
         else kd_seq_mask.to(mask.dtype)
     delta = (logp - teacher_logp).detach()
     if estimator == "k1_reward":
-        advantages = advantages.unsqueeze(-1) - coef * delta * seq_mask.unsqueeze(-1)
-        kd_values = None
+        kd_values = delta * torch.exp(logp - logp.detach())
     elif estimator in ("k2", "k3"):
         kd_values = kl_estimator(logp, teacher_logp, estimator)
     elif estimator == "topk":
@@ -101,17 +106,16 @@ def kdrl_loss(
     metrics = {
         "policy_loss": pg.detach(),
         "clip_frac": aggregate(clipped, mask, "token_mean").detach(),
-        # k1 value of KL(student || teacher): unbiased, whatever the training estimator
-        "kd_kl_k1": aggregate(delta, mask * seq_mask.unsqueeze(-1), "token_mean"),
     }
-    if kd_values is None:
-        metrics["kd_loss"] = torch.zeros((), dtype=pg.dtype, device=pg.device)
-        return pg_coef * pg, metrics
-
+    # k1 value of KL(student || teacher) on the KD-masked tokens: unbiased, whatever the
+    # training estimator; sum and count kept apart so that slices add up
+    kd_mask = mask * seq_mask.unsqueeze(-1)
+    metrics["kd_k1_sum"] = (delta * kd_mask).sum()
+    metrics["kd_tokens"] = kd_mask.sum()
     rho = torch.exp((logp - old_logp).detach().clamp(-20.0, 20.0))
     kd_tok = kd_values * rho
     if kd_norm == "masked":
-        kd = aggregate(kd_tok, mask * seq_mask.unsqueeze(-1), aggregation, norm_len, kd_denominator)
+        kd = aggregate(kd_tok, kd_mask, aggregation, norm_len, kd_denominator)
     elif kd_norm == "all":
         kd = aggregate(kd_tok * seq_mask.unsqueeze(-1), mask, aggregation, norm_len, kd_denominator)
     else:
