@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config, to_yaml
+from .config import ConfigError, load_config, notices, to_yaml
 from .preflight import UsageError
 
 
+def _load(args):
+    """The validated config, with its notices on stderr."""
+    cfg = load_config(args.config, args.overrides)
+    for line in notices(cfg):
+        print(f"rayskd: note: {line}", file=sys.stderr)
+    return cfg
+
+
 def cmd_print_config(args) -> int:
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    print(to_yaml(_load(args)), end="")
     return 0
 
 
@@ -55,7 +63,7 @@ def _run(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    return _run(load_config(args.config, args.overrides))
+    return _run(_load(args))
 
 
 def cmd_resume(args) -> int:

@@ -81,8 +81,8 @@ class RolloutConfig:
     samples_per_prompt: int = 8
     max_new_tokens: int = 256
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    top_p: float = 1.0  # only 1.0: see validate()
+    top_k: int = -1  # only -1 (off): see validate()
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gb: int = 1
     sync_timeout_s: float = 120.0
@@ -264,12 +264,20 @@ def validate(cfg: Config) -> None:
     _check(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     _check(rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(rollout.temperature > 0, "rollout.temperature", "must be > 0 (greedy sampling has no policy gradient)")
-    _check(0 < rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {rollout.top_p}")
-    _check(rollout.top_k == -1 or rollout.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
+    # vLLM's log-probs of a truncated sampler are renormalised over the kept tokens while the
+    # learner's are over the whole vocabulary: every TIS weight would become the nucleus mass
+    # and the teacher gradient would be off (~25% at top_p=0.9)
+    truncation = "the learner's log-probs are over the whole vocabulary, so a truncated sampler would bias " \
+                 "the importance weights and the teacher gradient; sample from the full distribution"
+    _check(rollout.top_p == 1.0, "rollout.top_p", f"must be 1.0, got {rollout.top_p}: {truncation}")
+    _check(rollout.top_k == -1, "rollout.top_k", f"must be -1 (off), got {rollout.top_k}: {truncation}")
     _check(0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     _check(rollout.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
 
-    _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {learner.zero_stage}")
+    _check(learner.zero_stage in (0, 1, 2), "learner.zero_stage",
+           f"must be 0, 1 or 2, got {learner.zero_stage}" + (
+               ": ZeRO stage 3 is not supported yet (the learner reads the LM head outside the forward, where "
+               "stage 3 has freed it, and its checkpoints are not implemented)" if learner.zero_stage == 3 else ""))
     _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")
     _check(learner.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
     _check(learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
@@ -322,3 +330,14 @@ def validate(cfg: Config) -> None:
     if reh.coef > 0:
         _check(bool(reh.data_path), "algorithm.rehearsal.data_path",
                "rehearsal.coef > 0 needs the presampled data (run `rayskd presample CONFIG`)")
+
+
+def notices(cfg: Config) -> list[str]:
+    """Valid but easy-to-miss consequences of a configuration, reported when a run starts."""
+    out = []
+    tau_s, tau_t = cfg.rollout.temperature, cfg.teacher.temperature
+    if tau_s != tau_t and (cfg.algorithm.kd.coef > 0):
+        out.append(f"teacher.temperature={tau_t} differs from rollout.temperature={tau_s}: the student's "
+                   f"log-probs are taken at {tau_s} and the teacher's at {tau_t}, so the teacher term pulls "
+                   f"the student's logits towards {tau_s / tau_t:g} x the teacher's, not the teacher itself")
+    return out

@@ -216,8 +216,6 @@ class Learner:
         """Write this rank's part of a checkpoint into `directory` (the staging directory)."""
         from safetensors.torch import save_file
 
-        if self.cfg.zero_stage == 3:
-            raise NotImplementedError("checkpoints of ZeRO stage 3 learners are not implemented yet")
         blob = self.export_weights()
         if self.rank == 0:
             from .weight_sync import unpack_weights
@@ -272,17 +270,9 @@ class Learner:
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
 
     def export_weights(self) -> bytes | None:
-        """The full student state dict as safetensors bytes, on rank 0 (every rank must call
-        this: under ZeRO-3 parameters are gathered collectively)."""
-        module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
-        else:
-            state = module.state_dict() if self.rank == 0 else None
-        return pack_weights(state) if state is not None else None
+        """The full student state dict as safetensors bytes, on rank 0 (ZeRO 0-2 keep the
+        full parameters on every rank; stage 3 is refused by the config)."""
+        return pack_weights(self.engine.module.state_dict()) if self.rank == 0 else None
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:

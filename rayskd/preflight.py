@@ -22,9 +22,65 @@ class Inputs:
     max_model_len: int
 
 
+# config attributes by which an architecture's logits stop being h @ W^T, and what they do
+NONLINEAR_HEAD = {
+    "final_logit_softcapping": "soft-caps its logits (c * tanh(z / c))",  # Gemma 2/3
+    "logit_scale": "multiplies its logits by a constant",  # Cohere
+    "logits_scaling": "divides its logits by a constant",  # Granite
+    "dim_model_base": "rescales the hidden state before the LM head",  # MiniCPM
+}
+NEUTRAL = (None, 1, 1.0)
+
+
 def _check_model(key: str, path: str) -> None:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"{key}: no Hugging Face model at {path} (expected a directory with config.json)")
+    check_logit_head(key, path)
+
+
+def check_logit_head(key: str, path: str) -> None:
+    """rayskd forms logits as h @ W^T from the final hidden state, in fp32 chunks (never the
+    model's own full logits): refuse architectures where that is not what the model computes
+    (an LM-head bias, logit scaling or soft-capping). Reads the config and builds the model
+    on the meta device: no weights are loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr, what in NONLINEAR_HEAD.items():
+        value = getattr(text, attr, None)
+        if value not in NEUTRAL:
+            raise UsageError(f"{key}: {path} ({config.model_type}) {what} ({attr}={value}); rayskd computes "
+                             f"log-probs as hidden @ lm_head^T and does not support such models yet")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise UsageError(f"{key}: {path} ({config.model_type}) has a bias on its LM head; rayskd computes "
+                         f"log-probs as hidden @ lm_head^T and does not support such models yet")
+
+
+def _check_rehearsal(cfg: Config) -> None:
+    """The presampled reference log-probs must have been made at the temperature and in the
+    dtype the learner will compute its own in: otherwise u = pi_theta / pi_ref != 1 at the
+    start and the rehearsal term pulls towards a policy that never existed."""
+    import json
+
+    from .rehearsal import meta_path, rehearsal_meta
+
+    path = cfg.algorithm.rehearsal.data_path
+    if not os.path.isfile(path):
+        raise UsageError(f"algorithm.rehearsal.data_path: {path} does not exist (run `rayskd presample CONFIG`)")
+    if not os.path.isfile(meta_path(path)):
+        raise UsageError(f"algorithm.rehearsal.data_path: {path} has no {os.path.basename(meta_path(path))} "
+                         f"recording its temperature and dtype (made by an older rayskd?): run `rayskd presample` again")
+    with open(meta_path(path)) as f:
+        made = json.load(f)
+    want = rehearsal_meta(cfg)
+    for field, key in (("temperature", "rollout.temperature"), ("dtype", "learner.bf16")):
+        if made.get(field) != want[field]:
+            raise UsageError(f"{key}: the rehearsal data {path} was made with {field}={made.get(field)}, this run "
+                             f"uses {want[field]}: run `rayskd presample` again with this config")
 
 
 def _load_tokenizer(key: str, path: str):
@@ -36,7 +92,7 @@ def _load_tokenizer(key: str, path: str):
         raise UsageError(f"{key}: cannot load the tokenizer at {path}: {str(e).splitlines()[0]}") from None
 
 
-def check_inputs(cfg: Config, need_teacher: bool = True) -> Inputs:
+def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = True) -> Inputs:
     _check_model("student.path", cfg.student.path)
     student_tok = _load_tokenizer("student.path", cfg.student.path)
     if need_teacher:
@@ -51,6 +107,8 @@ def check_inputs(cfg: Config, need_teacher: bool = True) -> Inputs:
         if student_tok.eos_token_id != teacher_tok.eos_token_id:
             raise UsageError(f"teacher.path: end-of-sequence ids differ (student {student_tok.eos_token_id}, "
                              f"teacher {teacher_tok.eos_token_id})")
+    if need_rehearsal and cfg.algorithm.rehearsal.coef > 0:
+        _check_rehearsal(cfg)
     try:
         train = PromptDataset(read_jsonl(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key),
                               student_tok, cfg.data.max_prompt_tokens)

@@ -32,6 +32,17 @@ class RehearsalSet:
             ref_logp_NR=pad_rows([r["ref_logp"] for r in rows], 0.0, torch.float32))
 
 
+def meta_path(path: str) -> str:
+    """Beside the rehearsal JSONL: how its reference log-probs were computed."""
+    return path + ".meta.json"
+
+
+def rehearsal_meta(cfg: Config) -> dict:
+    """What the reference log-probs depend on beyond the model: the learner must compute its
+    own at the same temperature and in the same dtype (preflight compares them)."""
+    return {"temperature": cfg.rollout.temperature, "dtype": "bfloat16" if cfg.learner.bf16 else "float32"}
+
+
 def load_rehearsal(path: str) -> RehearsalSet:
     with open(path) as f:
         return RehearsalSet([json.loads(line) for line in f if line.strip()])
@@ -41,8 +52,9 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
     """Sample `presample_samples` responses per training prompt from the initial student
     (rollout sampling settings), keep the correct responses of prompts solved at least
     `presample_min_correct` times, and write them with reference log-probs computed by the
-    learner's forward pass at the sampling temperature (so u = pi_theta / pi_ref = 1 at the
-    start). Optionally writes the other prompts (the exploration set) as training JSONL."""
+    learner's forward pass at the sampling temperature and in the learner's dtype (so
+    u = pi_theta / pi_ref = 1 at the start), recorded beside the data (`meta_path`).
+    Optionally writes the other prompts (the exploration set) as training JSONL."""
     from .modeling import SCORING_CHUNK, load_causal_lm, response_logprobs, vocab_limit
     from .preflight import check_inputs
     from .rollout import RolloutEngine
@@ -53,7 +65,7 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
         from .preflight import UsageError
 
         raise UsageError("algorithm.rehearsal.data_path: set where the presampled data goes")
-    inputs = check_inputs(cfg, need_teacher=False)
+    inputs = check_inputs(cfg, need_teacher=False, need_rehearsal=False)  # it makes the rehearsal data
     data = inputs.train
     n = len(data) if not max_prompts else min(max_prompts, len(data))
     prompts = Trainer._prompt_batch(data, list(range(n)))
@@ -67,7 +79,8 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
     solved = (shard.rewards_N.reshape(-1, G) > 0).sum(1)
     keep_prompt = solved >= reh.presample_min_correct
     keep = [i for i in range(shard.num_sequences) if keep_prompt[i // G] and shard.rewards_N[i] > 0]
-    model = load_causal_lm(cfg.student.path, torch.float32).eval()
+    meta = rehearsal_meta(cfg)
+    model = load_causal_lm(cfg.student.path, getattr(torch, meta["dtype"])).eval()
     rows = []
     with torch.no_grad():
         for s in range(0, len(keep), 64):
@@ -85,6 +98,8 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
         for row in rows:
             f.write(json.dumps(row) + "\n")
     os.replace(out_path + ".tmp", out_path)
+    with open(meta_path(out_path), "w") as f:
+        json.dump({**meta, "student": cfg.student.path, "samples": len(rows)}, f)
     report = {"prompts": n, "solved_reliably": int(keep_prompt.sum()), "samples_kept": len(rows), "path": out_path}
     if explore_out:
         with open(explore_out, "w") as f:

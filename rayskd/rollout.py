@@ -6,6 +6,7 @@ rewards, scored in a separate process (rewards/runner.py).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -18,6 +19,16 @@ from .weight_sync import WORKER_EXTENSION
 
 def _has_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
+    """The vLLM seed of prompt `uid`'s request at `step`. vLLM seeds sample i of a request
+    with seed + i, so each prompt owns the block [base + uid * n, base + (uid + 1) * n): no two
+    prompts of a step share a noise stream (`base + uid` made neighbouring prompts share
+    n - 1 of them). The base is a hash of (run seed, step), below 2**56, so the blocks of
+    different steps do not line up either, and everything stays below 2**63."""
+    digest = hashlib.blake2b(f"rayskd:{run_seed}:{step}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big") + uid * n
 
 
 class RolloutEngine:
@@ -38,22 +49,27 @@ class RolloutEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
+        # LM-head rows past the tokenizer are padding: the learner normalises over the
+        # tokenizer's rows only, so the engine must never sample (or normalise over) the others
+        rows, real = self.llm.llm_engine.model_config.get_vocab_size(), len(self.tokenizer)
+        self.padding_bias = {i: float("-inf") for i in range(real, rows)} or None
         self.rewards = RewardRunner(reward.name, reward.function, reward.timeout_s, extra_path)
 
     def _params(self, n: int, greedy: bool, request_seed: int | None):
         from vllm import SamplingParams
 
         if greedy:
-            return SamplingParams(n=n, temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=0)
+            return SamplingParams(n=n, temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=0,
+                                  logit_bias=self.padding_bias)
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                              max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=request_seed)
+                              max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=request_seed,
+                              logit_bias=self.padding_bias)
 
     def generate(self, prompts: PromptBatch, step: int, greedy: bool = False, n: int | None = None) -> RolloutShard:
         """n responses for every prompt (groups contiguous). Sampling is seeded per prompt by
         (run seed, step, prompt uid), so results do not depend on which worker gets a prompt."""
         n = n or (1 if greedy else self.cfg.samples_per_prompt)
-        params = [self._params(n, greedy, (self.seed * 1_000_003 + step * 100_003 + uid) % (2**31))
-                  for uid in prompts.uids]
+        params = [self._params(n, greedy, request_seed(self.seed, step, uid, n)) for uid in prompts.uids]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params, use_tqdm=False)
         prompt_rows, resp_rows, logp_rows, truncated, uids, items = [], [], [], [], [], []
         for i, out in enumerate(outputs):

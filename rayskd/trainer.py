@@ -89,7 +89,7 @@ class Trainer:
                        f"{cfg.learner.world_size} learner actors")
         self.rollout = ActorGroup(
             "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
-            lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed + i, inputs.max_model_len,
+            lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed, inputs.max_model_len,
                            extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
             max_restarts=MAX_ROLLOUT_RETRIES, task_retries=0)
         # teacher scorers hold no state: Ray restarts them and re-runs the scoring call

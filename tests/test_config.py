@@ -39,6 +39,9 @@ def test_overrides_and_read_only():
     ("learner.micro_batch_size=5", "learner.micro_batch_size"),
     ("learner.world_size=3", "algorithm.prompts_per_step"),
     ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.top_p=0.9", "rollout.top_p"),
+    ("rollout.top_k=50", "rollout.top_k"),
+    ("learner.zero_stage=3", "learner.zero_stage"),
     ("rollout.gpus_per_worker=1.5", "rollout.gpus_per_worker"),
     ("algorithm.rehearsal.coef=0.1", "algorithm.rehearsal.data_path"),
     ("reward.function=nocolon", "reward.function"),
@@ -83,3 +86,27 @@ def test_cli_print_config_and_exit_status_2():
     assert "learner.lr" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = run_cli("print-config", "does/not/exist.yaml")
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+@pytest.mark.parametrize("override,why", [
+    ("rollout.top_p=0.9", "whole vocabulary"),
+    ("rollout.top_k=20", "whole vocabulary"),
+    ("learner.zero_stage=3", "not supported yet"),
+])
+def test_unsupported_settings_exit_2_saying_why(override, why):
+    """Issue 8.4 / 8.9: settings the learner cannot honour are refused before anything
+    starts, with the reason, instead of training something else."""
+    r = run_cli("print-config", DEMO, override)
+    assert r.returncode == 2 and why in r.stderr and override.split("=")[0] in r.stderr
+
+
+def test_teacher_temperature_different_from_sampling_is_reported():
+    """Issue 8.8: a teacher temperature other than the sampling one moves the fixed point."""
+    from rayskd.config import notices
+
+    assert notices(load_config(DEMO)) == []
+    cfg = load_config(DEMO, ["teacher.temperature=2.0"])
+    (line,) = notices(cfg)
+    assert "0.5 x the teacher's" in line
+    r = run_cli("print-config", DEMO, "teacher.temperature=2.0")
+    assert r.returncode == 0 and "teacher.temperature=2.0" in r.stderr

@@ -1,0 +1,71 @@
+"""Checks that run before any actor starts (exit status 2, one line): models whose logits
+are not hidden @ lm_head^T, and rehearsal data made at another temperature or dtype."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rayskd.preflight import UsageError, check_logit_head
+
+DEMO = os.path.abspath("configs/demo.yaml")
+
+
+def rayskd(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rayskd", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def tiny(kind):
+    """A tiny random config of an architecture whose logits are not h @ W^T (or are)."""
+    from transformers import CohereConfig, Gemma2Config, PhiConfig, Qwen2Config
+
+    small = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                 num_key_value_heads=1)
+    return {"gemma2": Gemma2Config(final_logit_softcapping=30.0, head_dim=64, **small),
+            "cohere": CohereConfig(logit_scale=0.0625, **small),
+            "phi": PhiConfig(**small),  # its lm_head has a bias
+            "qwen2": Qwen2Config(**small)}[kind]
+
+
+@pytest.mark.parametrize("kind,what", [("gemma2", "soft-caps"), ("cohere", "multiplies its logits"),
+                                       ("phi", "bias on its LM head")])
+def test_models_whose_logits_are_not_a_linear_head_are_refused(kind, what, tmp_path):
+    """Issue 8.8: refused with what the model does, until rayskd supports it."""
+    tiny(kind).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=what):
+        check_logit_head("student.path", str(tmp_path))
+
+
+def test_a_plain_linear_head_passes(tmp_path):
+    tiny("qwen2").save_pretrained(tmp_path)
+    check_logit_head("teacher.path", str(tmp_path))
+
+
+def test_cli_refuses_a_soft_capped_teacher_with_exit_2(demo_assets, tmp_path):
+    tiny("gemma2").save_pretrained(tmp_path)
+    r = rayskd("train", DEMO, f"teacher.path={tmp_path}")
+    assert r.returncode == 2 and "teacher.path" in r.stderr and "soft-caps" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def write_rehearsal(path, meta):
+    path.write_text(json.dumps({"uid": 0, "prompt_ids": [0, 1], "response_ids": [2, 12], "ref_logp": [-0.1, -0.2]})
+                    + "\n")
+    if meta is not None:
+        (path.parent / (path.name + ".meta.json")).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("meta,override,message", [
+    ({"temperature": 0.7, "dtype": "float32"}, [], "temperature=0.7"),
+    ({"temperature": 1.0, "dtype": "float32"}, ["learner.bf16=true"], "dtype=float32"),
+    (None, [], "run `rayskd presample` again"),
+])
+def test_rehearsal_data_made_differently_is_refused(demo_assets, tmp_path, meta, override, message):
+    """Issue 8.8: reference log-probs made at another temperature or in another dtype than
+    the learner's would make u != 1 at the start: exit 2 before anything starts."""
+    data = tmp_path / "rehearsal.jsonl"
+    write_rehearsal(data, meta)
+    r = rayskd("train", DEMO, "algorithm.rehearsal.coef=0.1", f"algorithm.rehearsal.data_path={data}", *override)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Started a local Ray instance" not in r.stderr + r.stdout
