@@ -85,3 +85,21 @@ def rendezvous_address(pg, bundle_index: int = 0) -> tuple[str, int]:
     fn = ray.remote(num_cpus=0)(_node_address).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index))
     return ray.get(fn.remote())
+
+
+def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None) -> ActorGroup:
+    """The learner ranks of `cfg` (a rayskd Config) as one group: the rendezvous address is
+    taken on rank 0's node once its bundle is placed, then every rank joins it."""
+    from .learner import Learner
+
+    master = {}
+
+    def learner_args(rank, pg):
+        if not master:
+            master["addr"], master["port"] = rendezvous_address(pg, 0)
+        return (cfg.student.path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
+                cfg.rollout.samples_per_prompt, tokenizer_len, rank, cfg.learner.world_size,
+                master["addr"], master["port"], cfg.run.seed)
+
+    return ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker, learner_args,
+                      resources=dict(cfg.learner.resources), env_vars=env_vars)

@@ -13,10 +13,9 @@ import time
 import ray
 
 from . import checkpoint
-from .actors import ActorGroup, rendezvous_address
+from .actors import ActorGroup, start_learners
 from .batch import PromptBatch
 from .config import Config, to_yaml
-from .learner import Learner
 from .losses import coef_at
 from .metrics import MetricsLog
 from .preflight import Inputs, UsageError, check_inputs
@@ -97,17 +96,7 @@ class Trainer:
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
             lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), resources=dict(cfg.teacher.resources),
             env_vars=env, max_restarts=MAX_ROLLOUT_RETRIES, task_retries=MAX_ROLLOUT_RETRIES)
-        master = {}
-
-        def learner_args(rank, pg):
-            if not master:
-                master["addr"], master["port"] = rendezvous_address(pg, 0)
-            return (cfg.student.path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                    cfg.rollout.samples_per_prompt, inputs.tokenizer_len, rank, cfg.learner.world_size,
-                    master["addr"], master["port"], cfg.run.seed)
-
-        self.learner = ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker,
-                                  learner_args, resources=dict(cfg.learner.resources), env_vars=env)
+        self.learner = start_learners(cfg, inputs.tokenizer_len, env)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in (self.rollout, self.teacher, self.learner)}, f, indent=1)
         self.engine_pids = [p for pids in ray.get(self.rollout.call("child_pids")) for p in pids]

