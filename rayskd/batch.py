@@ -32,6 +32,13 @@ class PromptBatch:
     answers: list[str]
 
 
+def prompt_batch(dataset, uids: list[int]) -> PromptBatch:
+    """The prompts of rows `uids` of a `PromptDataset`, in that order."""
+    return PromptBatch(uids=list(uids), prompt_ids=[dataset.prompt_ids[u] for u in uids],
+                       prompts=[dataset.rows[u]["prompt"] for u in uids],
+                       answers=[dataset.rows[u]["answer"] for u in uids])
+
+
 @dataclass
 class RolloutShard:
     """One rollout worker's output: G responses for each of its prompts, group by group."""

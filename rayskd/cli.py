@@ -105,7 +105,7 @@ def cmd_job(args) -> int:
 
 
 def cmd_presample(args) -> int:
-    from .rehearsal import presample
+    from .presample import presample
 
     cfg = load_config(args.config, args.overrides)
     presample(cfg, max_prompts=args.max_prompts, explore_out=args.explore_out)

@@ -14,7 +14,7 @@ import ray
 
 from . import checkpoint
 from .actors import ActorGroup, start_learners
-from .batch import PromptBatch
+from .batch import PromptBatch, prompt_batch
 from .config import Config, to_yaml
 from .losses import coef_at
 from .metrics import MetricsLog
@@ -190,14 +190,7 @@ class Trainer:
             ray.get(actor.load_weights.remote(self.learner.call("export_weights")[0], self.weights_version))
 
     def _next_prompts(self, count: int) -> PromptBatch:
-        uids = self.sampler.next(count)
-        return self._prompt_batch(self.inputs.train, uids)
-
-    @staticmethod
-    def _prompt_batch(dataset, uids: list[int]) -> PromptBatch:
-        return PromptBatch(uids=uids, prompt_ids=[dataset.prompt_ids[u] for u in uids],
-                           prompts=[dataset.rows[u]["prompt"] for u in uids],
-                           answers=[dataset.rows[u]["answer"] for u in uids])
+        return prompt_batch(self.inputs.train, self.sampler.next(count))
 
     def _split(self, prompts: PromptBatch) -> list[PromptBatch]:
         """Contiguous, near-equal shares of the prompts for each rollout worker."""
@@ -323,7 +316,7 @@ class Trainer:
         if data is None:
             return None
         n = len(data) if not self.cfg.run.eval_max_prompts else min(len(data), self.cfg.run.eval_max_prompts)
-        batch = self._prompt_batch(data, list(range(n)))
+        batch = prompt_batch(data, list(range(n)))
         parts = self._split(batch)
         calls = [w.evaluate.remote(p) for w, p in zip(self.rollout.actors, parts)]
         results = []
