@@ -18,6 +18,10 @@ class PlacementError(RuntimeError):
     pass
 
 
+class TrainingError(RuntimeError):
+    """A run cannot go on (workers that keep failing, non-finite updates, a sync timeout)."""
+
+
 def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> dict:
     b = {"CPU": num_cpus, **(resources or {})}
     if num_gpus > 0:
@@ -60,6 +64,10 @@ class ActorGroup:
     def call(self, method: str, *args, **kwargs) -> list:
         """Call `method` on every actor; returns the object refs."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def scatter(self, method: str, items: list) -> list:
+        """Call `method(item)` for each item, spread round-robin over the actors; returns the refs."""
+        return [getattr(self.actors[i % self.n], method).remote(item) for i, item in enumerate(items)]
 
     def kill(self) -> None:
         for a in self.actors:

@@ -13,40 +13,18 @@ import time
 import ray
 
 from . import checkpoint
-from .actors import ActorGroup, start_learners
+from .actors import ActorGroup, TrainingError, start_learners
 from .batch import PromptBatch, prompt_batch
 from .config import Config, to_yaml
 from .losses import coef_at
 from .metrics import MetricsLog
 from .preflight import Inputs, UsageError, check_inputs
 from .rollout import RolloutEngine
+from .rollout_pool import MAX_RETRIES, RolloutPool
 from .teacher import TeacherScorer
 
 STOP_AFTER_NONFINITE = 3
-MAX_ROLLOUT_RETRIES = 3
-RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
 RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob difference| on a fixed sequence
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def kill_leftovers(processes: list[tuple[str, int, float]]) -> None:
-    """SIGKILL engine processes that outlived their actor: only on this node, and only the
-    very process recorded (same pid and start time, so a reused pid is never hit)."""
-    import psutil
-
-    here = ray.util.get_node_ip_address() if ray.is_initialized() else None
-    for ip, pid, started in processes:
-        if ip != here:
-            continue
-        try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - started) < 1e-3:
-                p.send_signal(signal.SIGKILL)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
 
 
 class Trainer:
@@ -65,7 +43,6 @@ class Trainer:
         self.rollout = self.teacher = self.learner = None
         self.stop_requested = False  # set by SIGTERM: checkpoint after the current step and exit
         self._started_ray = False
-        self.engine_pids: list[tuple[str, int, float]] = []
 
     # ---- set-up ----
 
@@ -86,20 +63,21 @@ class Trainer:
         t0 = time.time()
         self.log.event(f"starting {cfg.rollout.num_workers} rollout, {cfg.teacher.num_workers} teacher and "
                        f"{cfg.learner.world_size} learner actors")
-        self.rollout = ActorGroup(
+        rollout = ActorGroup(
             "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
             lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed, inputs.max_model_len,
                            extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
-            max_restarts=MAX_ROLLOUT_RETRIES, task_retries=0)
+            max_restarts=MAX_RETRIES, task_retries=0)
         # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
             lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), resources=dict(cfg.teacher.resources),
-            env_vars=env, max_restarts=MAX_ROLLOUT_RETRIES, task_retries=MAX_ROLLOUT_RETRIES)
+            env_vars=env, max_restarts=MAX_RETRIES, task_retries=MAX_RETRIES)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
-            json.dump({g.name: g.nodes() for g in (self.rollout, self.teacher, self.learner)}, f, indent=1)
-        self.engine_pids = [p for pids in ray.get(self.rollout.call("child_pids")) for p in pids]
+            json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
+        self.rollout = RolloutPool(rollout, self.log.event, lambda: self.weights_version,
+                                   lambda: self.learner.call("export_weights")[0])
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
         if cfg.run.resume == "auto":
@@ -133,9 +111,9 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = self._next_prompts(cfg.algorithm.prompts_per_step)
         t0_gen = time.perf_counter()
-        shards = self._generate(self._split(prompts))
+        shards = self._generate(prompts)
         t["generate_s"] = time.perf_counter() - t0_gen
-        scores = [self.teacher.actors[i % self.teacher.n].score.remote(s) for i, s in enumerate(shards)]
+        scores = self.teacher.scatter("score", shards)
         t["score_s"] = self._wait(scores)
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
@@ -149,55 +127,15 @@ class Trainer:
         self._check_finite(record)
         return record
 
-    def _generate(self, parts: list[PromptBatch]) -> list:
-        """One generate call per rollout worker; returns refs to the shards. A worker that
-        dies is restarted by Ray; it then gets the current weights and the same prompts again
-        (same per-request seeds), so no prompt is lost or used twice."""
-        calls = [w.generate_with_summary.options(num_returns=2).remote(p, self.step_num)
-                 for w, p in zip(self.rollout.actors, parts)]
-        for attempt in range(MAX_ROLLOUT_RETRIES + 1):
-            failed = []
-            for i, (_, summary) in enumerate(calls):
-                try:
-                    ray.get(summary)
-                except RESTARTABLE as e:
-                    failed.append(i)
-                    self.log.event(f"rollout worker {i} failed during step {self.step_num + 1} "
-                                   f"({type(e).__name__}); retrying its {len(parts[i].uids)} prompts")
-            if not failed:
-                return [shard for shard, _ in calls]
-            if attempt == MAX_ROLLOUT_RETRIES:
-                break
-            for i in failed:
-                self._revive_rollout(i)
-                calls[i] = self.rollout.actors[i].generate_with_summary.options(num_returns=2).remote(
-                    parts[i], self.step_num)
-        raise TrainingError(f"rollout workers {failed} kept failing after {MAX_ROLLOUT_RETRIES} retries")
-
-    def _revive_rollout(self, i: int) -> None:
-        """Wait until Ray has restarted rollout worker i, then load the current weights."""
-        actor = self.rollout.actors[i]
-        deadline = time.time() + 600
-        while True:
-            try:
-                self.engine_pids += ray.get(actor.child_pids.remote(), timeout=60)
-                break
-            except (*RESTARTABLE, ray.exceptions.GetTimeoutError):
-                if time.time() > deadline:
-                    raise TrainingError(f"rollout worker {i} did not come back within 600 s") from None
-                time.sleep(2)
-        if self.weights_version > 0:
-            ray.get(actor.load_weights.remote(self.learner.call("export_weights")[0], self.weights_version))
+    def _generate(self, prompts) -> list:
+        """One generate call per rollout worker; returns refs to the shards (a worker that
+        dies is revived and re-runs the same prompts: see RolloutPool)."""
+        calls = self.rollout.run("generate_with_summary", self.rollout.split(prompts), self.step_num,
+                                 what=f"step {self.step_num + 1}", num_returns=2)
+        return [shard for shard, _ in calls]
 
     def _next_prompts(self, count: int) -> PromptBatch:
         return prompt_batch(self.inputs.train, self.sampler.next(count))
-
-    def _split(self, prompts: PromptBatch) -> list[PromptBatch]:
-        """Contiguous, near-equal shares of the prompts for each rollout worker."""
-        n, k = len(prompts.uids), self.rollout.n
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        return [PromptBatch(*(getattr(prompts, f)[a:b] for f in ("uids", "prompt_ids", "prompts", "answers")))
-                for a, b in zip(bounds, bounds[1:])]
 
     @staticmethod
     def _wait(refs: list) -> float:
@@ -212,19 +150,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.weights_version = self.weights_version + 1 if version is None else version
         blobs = self.learner.call("export_weights")
-        loads = [w.load_weights.remote(blobs[0], self.weights_version) for w in self.rollout.actors]
-        ready, pending = ray.wait(loads, num_returns=len(loads), timeout=self.cfg.rollout.sync_timeout_s)
-        if pending:
-            late = [i for i, r in enumerate(loads) if r in pending]
-            raise TrainingError(f"weight sync: rollout worker(s) {late} did not load weights version "
-                                f"{self.weights_version} within rollout.sync_timeout_s={self.cfg.rollout.sync_timeout_s}s")
+        self.rollout.load_weights(blobs[0], self.weights_version, self.cfg.rollout.sync_timeout_s)
         ray.get(blobs[1:])
-        for i, ref in enumerate(loads):
-            try:
-                ray.get(ref)
-            except RESTARTABLE as e:  # died while loading: once restarted it gets the current weights
-                self.log.event(f"rollout worker {i} failed during the weight sync ({type(e).__name__})")
-                self._revive_rollout(i)
         return time.perf_counter() - t0
 
     def _record(self, results: list[dict], coef: float, t: dict, step_s: float) -> dict:
@@ -316,17 +243,8 @@ class Trainer:
         if data is None:
             return None
         n = len(data) if not self.cfg.run.eval_max_prompts else min(len(data), self.cfg.run.eval_max_prompts)
-        batch = prompt_batch(data, list(range(n)))
-        parts = self._split(batch)
-        calls = [w.evaluate.remote(p) for w, p in zip(self.rollout.actors, parts)]
-        results = []
-        for i, ref in enumerate(calls):
-            try:
-                results.append(ray.get(ref))
-            except RESTARTABLE as e:
-                self.log.event(f"rollout worker {i} failed during evaluation ({type(e).__name__}); retrying")
-                self._revive_rollout(i)
-                results.append(ray.get(self.rollout.actors[i].evaluate.remote(parts[i])))
+        calls = self.rollout.run("evaluate", self.rollout.split(prompt_batch(data, list(range(n)))), what="evaluation")
+        results = ray.get(calls)
         return sum(r[0] for r in results) / max(sum(r[1] for r in results), 1)
 
     def fit(self) -> dict:
@@ -365,16 +283,11 @@ class Trainer:
 
     def shutdown(self) -> None:
         if self.rollout is not None:
-            try:
-                ray.wait(self.rollout.call("shutdown"), num_returns=self.rollout.n, timeout=60)
-            except Exception:
-                pass
-        for group in (self.rollout, self.teacher, self.learner):
+            self.rollout.shutdown()
+        for group in (self.teacher, self.learner):
             if group is not None:
                 group.kill()
         self.rollout = self.teacher = self.learner = None
-        kill_leftovers(self.engine_pids)
-        self.engine_pids = []
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

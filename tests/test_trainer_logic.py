@@ -1,8 +1,9 @@
-"""Pure orchestration logic of the driver, with fakes (no Ray): prompt splitting and the
-non-finite-loss policy."""
+"""Pure orchestration logic of the driver, with fakes (no Ray): prompt splitting over the
+rollout pool and the non-finite-loss policy."""
 import pytest
 
 from rayskd.batch import PromptBatch
+from rayskd.rollout_pool import RolloutPool
 from rayskd.trainer import STOP_AFTER_NONFINITE, Trainer, TrainingError
 
 
@@ -26,9 +27,10 @@ def bare_trainer(rollout_workers=3):
 
 
 def test_split_prompts_contiguous_and_complete():
-    t = bare_trainer(3)
+    pool = RolloutPool.__new__(RolloutPool)
+    pool.group = FakeGroup(3)
     b = PromptBatch(list(range(8)), [[i] for i in range(8)], [str(i) for i in range(8)], ["a"] * 8)
-    parts = t._split(b)
+    parts = pool.split(b)
     assert [p.uids for p in parts] == [[0, 1, 2], [3, 4], [5, 6, 7]]
     assert sum((p.prompt_ids for p in parts), []) == b.prompt_ids
 
