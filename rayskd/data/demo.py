@@ -5,6 +5,7 @@ No network, no model hub. Deterministic for a seed; cached by a fingerprint of t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,8 +176,32 @@ def prepare_demo(out_dir: str, seed: int = 0, log=print) -> dict:
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    # a fixed thread count keeps the float reductions, and so the models, identical across machines
+    with pinned_numerics():
+        report = _build(tmp, fp, seed, log)
+    report["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return report
+
+
+@contextlib.contextmanager
+def pinned_numerics():
+    """A fixed thread count and default dtype keep the float reductions, and so the models,
+    identical across machines and callers (a caller may have set float64 as the default
+    dtype, as the loss tests do: the demo built under pytest differed from the CLI's)."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(2)
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+
+
+def _build(tmp: str, fp: str, seed: int, log) -> dict:
     train, evals = make_task(seed, RECIPE["max_operand"], RECIPE["n_eval"])
     write_jsonl(os.path.join(tmp, "train.jsonl"), train)
     write_jsonl(os.path.join(tmp, "eval.jsonl"), evals)
@@ -198,9 +223,4 @@ def prepare_demo(out_dir: str, seed: int = 0, log=print) -> dict:
         report[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         report[f"{name}_sft_steps"] = steps
         log(f"[prepare-demo] {name}: held-out greedy accuracy {report[f'{name}_accuracy']:.3f}")
-    report["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(tmp, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     return report
