@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayskd.losses import (
-    aggregate, coef_at, group_advantages, hidden_logprobs, kd_sequence_mask, kdrl_loss, kl_estimator, policy_loss,
+    coef_at, group_advantages, hidden_logprobs, kd_sequence_mask, kdrl_loss, kl_estimator, policy_loss,
     rehearsal_loss, token_logprobs, truncated_is_weights,
 )
 
