@@ -2,18 +2,13 @@
 are not hidden @ lm_head^T, and rehearsal data made at another temperature or dtype."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from test_system import rayskd
 
 from rayskd.preflight import UsageError, check_logit_head
 
 DEMO = os.path.abspath("configs/demo.yaml")
-
-
-def rayskd(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rayskd", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def tiny(kind):

@@ -15,6 +15,18 @@ LOG_FLOOR = -1.0e4
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32: half-precision inputs are promoted, fp32/fp64 kept as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def head_rows(lm_head_weight: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """The LM head's rows that belong to the tokenizer (`vocab_size`; None: all), at least
+    fp32: upcast once per call, so that every chunk's logits are formed in fp32 (`fp32_logits`)."""
+    return upcast(lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size])
+
+
+def fp32_logits(hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """hidden [..., H] @ head [V, H]^T in at least fp32: a bf16 product alone is off by up to
+    ~7e-3 in a log-prob. `head` comes from `head_rows`."""
+    return upcast(hidden) @ head.t()
 DISTRIBUTION_DIVERGENCES = (
     "forward_kl", "reverse_kl", "js", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl",
 )
@@ -134,14 +146,14 @@ def hidden_topk_divergence(
     ends with the teacher's tail log-mass."""
     from torch.utils.checkpoint import checkpoint
 
-    weight = upcast(lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size])
+    weight = head_rows(lm_head_weight, vocab_size)
     lead = topk_ids.shape[:-1]
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = topk_ids.reshape(-1, topk_ids.shape[-1])
     flat_t = teacher_topk_logp.reshape(-1, teacher_topk_logp.shape[-1])
 
     def chunk_fn(h, w, ids, t):
-        return distribution_divergence(upcast(h) @ w.t(), t, kind, beta=beta, temperature=temperature, skew=skew, topk_ids=ids)
+        return distribution_divergence(fp32_logits(h, w), t, kind, beta=beta, temperature=temperature, skew=skew, topk_ids=ids)
 
     out = []
     for start in range(0, flat_ids.shape[0], chunk_size):

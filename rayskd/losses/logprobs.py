@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .divergences import logsumexp_outside, upcast
+from .divergences import fp32_logits, head_rows, logsumexp_outside, upcast
 
 
 def _chunk_logp_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool):
@@ -65,16 +65,15 @@ def hidden_logprobs(
     """Like `token_logprobs` but starting from hidden states [..., H] and the LM head [V, H]:
     each chunk's logits are recomputed in backward (activation checkpointing), so neither the
     full logits nor their fp32 copy is ever held. `vocab_size` slices padded LM-head rows.
-    Each chunk's logits are formed in fp32 (h and W upcast before the product): a bf16
-    product alone is off by up to ~7e-3 in a log-prob.
+    Each chunk's logits are formed in fp32 (`fp32_logits`).
     """
-    weight = upcast(lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size])
+    weight = head_rows(lm_head_weight, vocab_size)
     lead = ids.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = ids.reshape(-1)
 
     def chunk_fn(h, w, i):
-        return _chunk_logp_entropy(upcast(h) @ w.t(), i, temperature, False)[0]
+        return _chunk_logp_entropy(fp32_logits(h, w), i, temperature, False)[0]
 
     logps, ents = [], []
     for start in range(0, flat_ids.numel(), chunk_size):
@@ -86,7 +85,7 @@ def hidden_logprobs(
         logps.append(lp)
         if with_entropy:
             with torch.no_grad():
-                ents.append(_chunk_logp_entropy(upcast(flat_h[sl]) @ weight.t(), flat_ids[sl], temperature, True)[1])
+                ents.append(_chunk_logp_entropy(fp32_logits(flat_h[sl], weight), flat_ids[sl], temperature, True)[1])
     logp = torch.cat(logps).reshape(lead)
     if not with_entropy:
         return logp
@@ -100,13 +99,13 @@ def hidden_topk_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids
     their log-probs followed by the tail log-mass outside them [..., k+1] (`logsumexp_outside`:
     exact however close the top-k mass is to 1), computing fp32 logits `chunk_size`
     positions at a time (no grad)."""
-    weight = upcast(lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size])
+    weight = head_rows(lm_head_weight, vocab_size)
     lead = ids.shape
     flat_h, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
     kk = min(k, weight.shape[0])
     lps, top_i, top_v = [], [], []
     for start in range(0, flat_ids.numel(), chunk_size):
-        z = upcast(flat_h[start:start + chunk_size]) @ weight.t()
+        z = fp32_logits(flat_h[start:start + chunk_size], weight)
         lp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
         lps.append(lp.gather(-1, flat_ids[start:start + chunk_size, None]).squeeze(-1))
         v, i = lp.topk(kk, dim=-1)
