@@ -33,8 +33,8 @@ class ActorGroup:
     def __init__(self, name: str, cls, n: int, num_cpus: float, num_gpus: float, args_for, *,
                  resources: dict | None = None, env_vars: dict | None = None, max_restarts: int = 0,
                  task_retries: int = 0, ready_timeout_s: float = 600.0):
-        """`args_for(i, pg)` returns the constructor arguments of actor i (pg: this group's
-        placement group, ready)."""
+        """`args_for(i, pg)` returns the keyword arguments of actor i's constructor (pg: this
+        group's placement group, ready)."""
         self.name, self.n = name, n
         self.pg = placement_group([bundle(num_cpus, num_gpus, resources)] * n, strategy="PACK",
                                   name=f"rayskd-{name}-{os.getpid()}")
@@ -52,7 +52,7 @@ class ActorGroup:
                 max_task_retries=task_retries, name=f"rayskd-{name}-{i}-{os.getpid()}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env_vars} if env_vars else None,
-            ).remote(*args_for(i, self.pg))
+            ).remote(**args_for(i, self.pg))
             for i in range(n)
         ]
 
@@ -65,9 +65,9 @@ class ActorGroup:
         """Call `method` on every actor; returns the object refs."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def scatter(self, method: str, items: list) -> list:
-        """Call `method(item)` for each item, spread round-robin over the actors; returns the refs."""
-        return [getattr(self.actors[i % self.n], method).remote(item) for i, item in enumerate(items)]
+    def call_each(self, method: str, args: list) -> list:
+        """Call `method(args[i])` on actor i; returns the object refs."""
+        return [getattr(a, method).remote(x) for a, x in zip(self.actors, args, strict=True)]
 
     def kill(self) -> None:
         for a in self.actors:
@@ -96,18 +96,16 @@ def rendezvous_address(pg, bundle_index: int = 0) -> tuple[str, int]:
 
 
 def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None) -> ActorGroup:
-    """The learner ranks of `cfg` (a rayskd Config) as one group: the rendezvous address is
-    taken on rank 0's node once its bundle is placed, then every rank joins it."""
-    from .learner import Learner
+    """The learner ranks of `cfg` (a rayskd Config) as one group, in two explicit steps: place
+    the group and take the rendezvous address on rank 0's node, then start every rank on it."""
+    from .learner import Learner, LearnerSpec
 
-    master = {}
+    spec, master = LearnerSpec.from_config(cfg, tokenizer_len), {}
 
-    def learner_args(rank, pg):
-        if not master:
-            master["addr"], master["port"] = rendezvous_address(pg, 0)
-        return (cfg.student.path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                cfg.rollout.samples_per_prompt, tokenizer_len, rank, cfg.learner.world_size,
-                master["addr"], master["port"], cfg.run.seed)
+    def learner_kwargs(rank, pg):
+        if not master:  # the first rank: its bundle is placed, so its node is known
+            master["master_addr"], master["master_port"] = rendezvous_address(pg, 0)
+        return dict(spec=spec, rank=rank, world_size=cfg.learner.world_size, **master)
 
-    return ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker, learner_args,
+    return ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker, learner_kwargs,
                       resources=dict(cfg.learner.resources), env_vars=env_vars)

@@ -39,6 +39,28 @@ def prompt_batch(dataset, uids: list[int]) -> PromptBatch:
                        answers=[dataset.rows[u]["answer"] for u in uids])
 
 
+def split_prompts(prompts: PromptBatch, count: int) -> list[PromptBatch]:
+    """`count` contiguous, near-equal parts of a prompt batch, in order."""
+    n = len(prompts.uids)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [PromptBatch(*(getattr(prompts, f)[a:b] for f in ("uids", "prompt_ids", "prompts", "answers")))
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def batch_stats(summaries: list[RolloutSummary]) -> dict:
+    """Scalars describing a step's rollouts, for its metrics (from the requests' summaries)."""
+    lengths = torch.tensor([n for s in summaries for n in s.response_len], dtype=torch.float32)
+    rewards = torch.tensor([x for s in summaries for x in s.rewards], dtype=torch.float32)
+    truncated = torch.tensor([x for s in summaries for x in s.truncated], dtype=torch.float32)
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "response_len_mean": float(lengths.mean()), "response_tokens": float(lengths.sum()),
+            "empty_frac": float((lengths == 0).float().mean()), "truncated_frac": float(truncated.mean()),
+            "reward_errors": sum(int(s.stats.get("reward_errors", 0)) for s in summaries),
+            "reward_timeouts": sum(int(s.stats.get("reward_timeouts", 0)) for s in summaries),
+            "weights_version_sampled": min(s.weights_version for s in summaries),
+            "prompt_uids": sorted({u for s in summaries for u in s.uids})}
+
+
 @dataclass
 class RolloutShard:
     """One rollout worker's output: G responses for each of its prompts, group by group."""
@@ -60,6 +82,54 @@ class RolloutShard:
 
     def response_mask_NR(self) -> torch.Tensor:
         return length_mask(self.response_len_N, self.response_ids_NR.shape[1])
+
+
+@dataclass
+class RolloutSummary:
+    """What the driver reads of a rollout request: per-sequence scalars, no token data (the
+    batch statistics, the loss normalisers and the staleness come from these)."""
+    uids: list[int]
+    response_len: list[int]
+    rewards: list[float]
+    truncated: list[bool]
+    group_size: int
+    weights_version: int  # the weights the engine sampled with
+    stats: dict = field(default_factory=dict)  # reward_errors, reward_timeouts
+
+
+def summarize(shard: RolloutShard) -> RolloutSummary:
+    return RolloutSummary(uids=shard.uids_N.tolist(), response_len=shard.response_len_N.tolist(),
+                          rewards=shard.rewards_N.tolist(), truncated=shard.truncated_N.tolist(),
+                          group_size=shard.group_size, weights_version=shard.weights_version, stats=dict(shard.stats))
+
+
+SHARD_TENSORS = ("prompt_ids_NP", "prompt_len_N", "response_ids_NR", "response_len_N", "sampler_logp_NR", "rewards_N",
+                 "truncated_N", "uids_N")
+
+
+def shard_to_tensors(shard: RolloutShard, prefix: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a shard, for safetensors (checkpoints hold no pickled objects)."""
+    tensors = {f"{prefix}.{name}": getattr(shard, name).contiguous() for name in SHARD_TENSORS}
+    return tensors, {"group_size": shard.group_size, "weights_version": shard.weights_version, "stats": shard.stats}
+
+
+def shard_from_tensors(tensors: dict, prefix: str, meta: dict) -> RolloutShard:
+    return RolloutShard(**{name: tensors[f"{prefix}.{name}"] for name in SHARD_TENSORS}, group_size=meta["group_size"],
+                        weights_version=meta["weights_version"], stats=meta["stats"])
+
+
+@dataclass
+class LearnerShare:
+    """One learner rank's part of an update: object refs to its rollout shards and their
+    teacher scores (the rank fetches them itself: the driver never holds token data), and
+    the normalisers of the whole batch (see `losses.aggregate_denominator`)."""
+    step: int
+    kd_coef: float
+    rehearsal_start: int
+    pg_denominator: float
+    kd_denominator: float
+    shards: list  # ray ObjectRefs of RolloutShard, contiguous groups
+    scores: list  # ray ObjectRefs of TeacherScores, one per shard
 
 
 @dataclass

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import time
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from .batch import RolloutShard, TeacherScores, concat_scores, concat_shards
+from .batch import (
+    LearnerShare, RolloutShard, RolloutSummary, TeacherScores, concat_scores, concat_shards, length_mask,
+)
 from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
     aggregate_denominator, group_advantages, hidden_logprobs, hidden_topk_divergence, kd_sequence_mask, kdrl_loss,
@@ -18,29 +20,94 @@ from .losses import (
 from .modeling import load_causal_lm, response_hidden, vocab_limit
 from .weight_sync import pack_weights
 
-METRIC_SUMS = ("policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "entropy", "clip_frac", "tokens", "mismatch_k3", "tis_weight",
-               "rehearsal_loss")
+
+def batch_normalisers(summaries: list[RolloutSummary], algo: AlgorithmConfig, max_new_tokens: int) -> tuple[float, float]:
+    """(GRPO, teacher-term) normalisers of the whole batch, from the requests' summaries: each
+    rank trains on its share only, and its slices must add up to the batch's aggregate."""
+    lengths = torch.tensor([n for s in summaries for n in s.response_len])
+    rewards = torch.tensor([r for s in summaries for r in s.rewards], dtype=torch.float32)
+    mask_NR = length_mask(lengths, max(max_new_tokens, int(lengths.max()) if len(lengths) else 1))
+    kd_mask_N = kd_sequence_mask(rewards, summaries[0].group_size, algo.kd.mask)
+    kd_norm_mask = mask_NR * kd_mask_N[:, None] if algo.kd.norm == "masked" else mask_NR
+    return (aggregate_denominator(mask_NR, algo.aggregation, max_new_tokens),
+            aggregate_denominator(kd_norm_mask, algo.aggregation, max_new_tokens))
 
 
-def batch_stats(batch: RolloutShard) -> dict:
-    """Scalars describing a rollout batch, for the step's metrics."""
-    lengths = batch.response_len_N.float()
-    return {"reward_mean": float(batch.rewards_N.mean()), "reward_std": float(batch.rewards_N.std()),
-            "response_len_mean": float(lengths.mean()), "response_tokens": float(lengths.sum()),
-            "empty_frac": float((lengths == 0).float().mean()), "truncated_frac": float(batch.truncated_N.float().mean()),
-            "reward_errors": int(batch.stats.get("reward_errors", 0)),
-            "reward_timeouts": int(batch.stats.get("reward_timeouts", 0)),
-            "weights_version_sampled": batch.weights_version,
-            "prompt_uids": sorted(set(batch.uids_N.tolist()))}
+def fetch(items: list) -> list:
+    """The values of `items`: object refs are fetched (together), anything else is kept."""
+    import ray
+
+    refs = [x for x in items if isinstance(x, ray.ObjectRef)]
+    got = iter(ray.get(refs)) if refs else iter(())
+    return [next(got) if isinstance(x, ray.ObjectRef) else x for x in items]
+
+
+@dataclass
+class StepMetrics:
+    """One rank's sums over its share of an update; `merge` adds the ranks' (a field's
+    `reduce` overrides the sum), `record` derives the logged means. A new metric is one field
+    here and, when it needs one, a line in `record`."""
+    tokens: float = 0.0
+    policy_loss: float = 0.0
+    kd_loss: float = 0.0
+    kd_k1_sum: float = 0.0  # k1 of KL(student || teacher) summed over the KD-masked tokens
+    kd_tokens: float = 0.0
+    entropy_sum: float = 0.0
+    clip_sum: float = 0.0
+    mismatch_k3_sum: float = 0.0  # sampler (vLLM) vs learner log-probs of the same tokens
+    tis_weight_sum: float = 0.0
+    rehearsal_loss: float = 0.0
+    nonfinite: int = 0
+    mismatch_max: float = field(default=0.0, metadata={"reduce": max})
+    grad_norm: float = field(default=float("nan"), metadata={"reduce": lambda v: v[0]})  # global: same on all ranks
+    skipped: bool = field(default=False, metadata={"reduce": any})
+
+    @classmethod
+    def merge(cls, parts: list["StepMetrics"]) -> "StepMetrics":
+        return cls(**{f.name: f.metadata.get("reduce", sum)([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def record(self, algo: AlgorithmConfig) -> dict:
+        tokens = max(self.tokens, 1.0)
+        out = {
+            # masked mean over the tokens the teacher term saw (None when the KD mask selected none)
+            "kd_divergence": self.kd_k1_sum / self.kd_tokens if self.kd_tokens else None,
+            "kd_tokens": int(self.kd_tokens), "kd_loss": self.kd_loss, "policy_loss": self.policy_loss,
+            "entropy": self.entropy_sum / tokens, "clip_frac": self.clip_sum / tokens, "grad_norm": self.grad_norm,
+            "sampler_mismatch_max": self.mismatch_max, "sampler_mismatch_k3": self.mismatch_k3_sum / tokens,
+            "skipped_update": self.skipped, "nonfinite_losses": self.nonfinite,
+        }
+        if algo.tis_cap > 0:
+            out["tis_weight_mean"] = self.tis_weight_sum / tokens
+        if algo.rehearsal.coef > 0:
+            out["rehearsal_loss"] = self.rehearsal_loss
+        return out
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What every learner rank is built from (the rank and the rendezvous come separately)."""
+    model_path: str
+    cfg: LearnerConfig
+    algo: AlgorithmConfig
+    sampling_temperature: float
+    max_new_tokens: int
+    samples_per_prompt: int
+    tokenizer_len: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer_len: int) -> "LearnerSpec":
+        return cls(model_path=cfg.student.path, cfg=cfg.learner, algo=cfg.algorithm,
+                   sampling_temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                   samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer_len=tokenizer_len, seed=cfg.run.seed)
 
 
 class Learner:
-    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, sampling_temperature: float,
-                 max_new_tokens: int, samples_per_prompt: int, tokenizer_len: int, rank: int, world_size: int,
-                 master_addr: str, master_port: int, seed: int):
+    def __init__(self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int):
+        cfg, algo = spec.cfg, spec.algo
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
-        self.temperature, self.max_new_tokens = sampling_temperature, max_new_tokens
-        self.sequences_per_step = algo.prompts_per_step * samples_per_prompt
+        self.temperature, self.max_new_tokens = spec.sampling_temperature, spec.max_new_tokens
+        self.sequences_per_step = algo.prompts_per_step * spec.samples_per_prompt
         self.gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
@@ -48,9 +115,9 @@ class Learner:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", auto_mpi_discovery=False)
-        torch.manual_seed(seed)
-        model = load_causal_lm(model_path, torch.float32, self.device)
-        self.vocab_size = vocab_limit(tokenizer_len, model)
+        torch.manual_seed(spec.seed)
+        model = load_causal_lm(spec.model_path, torch.float32, self.device)
+        self.vocab_size = vocab_limit(spec.tokenizer_len, model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       betas=(0.9, 0.999), fused=self.gpu)
         ds_config = {
@@ -109,72 +176,64 @@ class Learner:
         self.engine.step()
         return bad
 
-    def train_step(self, step: int, coef: float, rehearsal_start: int, *parts) -> dict:
-        """One update on the batch made of `parts` = rollout shards, then their teacher scores.
-        Every rank receives the whole batch (so batch-level normalisers need no communication)
-        and trains its contiguous slice of sequences."""
-        t0 = time.perf_counter()
-        n = len(parts) // 2
-        batch: RolloutShard = concat_shards(list(parts[:n]))
-        scores: TeacherScores = concat_scores(list(parts[n:]), batch.response_ids_NR.shape[1])
+    def train_step(self, share: LearnerShare) -> StepMetrics:
+        """One update: this rank trains on its share of the batch (fetched here from the object
+        store), normalised by the whole batch's denominators; DeepSpeed averages the gradients."""
+        shards, scores = fetch(share.shards), fetch(share.scores)
+        batch: RolloutShard = concat_shards(shards)
+        teacher: TeacherScores = concat_scores(scores, batch.response_ids_NR.shape[1])
         algo, kd = self.algo, self.algo.kd
         mask_NR = batch.response_mask_NR()
         adv_N = group_advantages(batch.rewards_N, batch.group_size, algo.advantage)
         kd_mask_N = kd_sequence_mask(batch.rewards_N, batch.group_size, kd.mask)
-        pg_total = aggregate_denominator(mask_NR, algo.aggregation, self.max_new_tokens)
-        kd_norm_mask = mask_NR * kd_mask_N[:, None] if kd.norm == "masked" else mask_NR
-        kd_total = aggregate_denominator(kd_norm_mask, algo.aggregation, self.max_new_tokens)
-
-        per_rank = batch.num_sequences // self.world_size
-        lo = self.rank * per_rank
-        sums = dict.fromkeys(METRIC_SUMS, 0.0)
-        mismatch_max, nonfinite = 0.0, 0
+        m = StepMetrics()
         mb = self.cfg.micro_batch_size
         skipped_before = self.engine.skipped_steps
-        for s in range(lo, lo + per_rank, mb):
+        for s in range(0, batch.num_sequences, mb):
             sl = slice(s, s + mb)
-            fields = (batch.prompt_ids_NP[sl], batch.prompt_len_N[sl], batch.response_ids_NR[sl],
-                      batch.response_len_N[sl])
+            seqs = (batch.prompt_ids_NP[sl], batch.prompt_len_N[sl], batch.response_ids_NR[sl], batch.response_len_N[sl])
             mask = mask_NR[sl].to(self.device)
-            h, w, logp, entropy = self._forward_logp(fields, with_entropy=True)
-            old_logp = logp.detach()  # one update per rollout batch: pi_old = pi_theta
+            h, w, logp, entropy = self._forward_logp(seqs, with_entropy=True)
+            current = logp.detach()
             sampler = batch.sampler_logp_NR[sl].to(self.device)
-            is_w = truncated_is_weights(old_logp, sampler, algo.tis_cap) if algo.tis_cap > 0 else None
+            # the behaviour policy: pi_theta itself when every sample is fresh (one update per
+            # batch), the sampler's log-probs mu when samples may be stale (algorithm.max_staleness):
+            # then GRPO gets the clipped ratio pi_theta / mu and the teacher term sg(pi_theta / mu)
+            old_logp = sampler if algo.max_staleness > 0 else current
+            is_w = truncated_is_weights(current, sampler, algo.tis_cap) if algo.tis_cap > 0 else None
             kd_values = None
             if kd.estimator == "topk":
                 kd_values = hidden_topk_divergence(
-                    h, w, scores.topk_ids_NRK[sl].to(self.device), scores.topk_logp_NRK1[sl].to(self.device),
+                    h, w, teacher.topk_ids_NRK[sl].to(self.device), teacher.topk_logp_NRK1[sl].to(self.device),
                     kd.divergence, kd.beta, kd.skew, self.temperature, self.cfg.logprob_chunk, self.vocab_size)
-            loss, m = kdrl_loss(
-                logp, old_logp, adv_N[sl].to(self.device), mask, scores.logp_NR[sl].to(self.device), coef,
+            loss, lm = kdrl_loss(
+                logp, old_logp, adv_N[sl].to(self.device), mask, teacher.logp_NR[sl].to(self.device), share.kd_coef,
                 estimator=kd.estimator, kd_values=kd_values, kd_seq_mask=kd_mask_N[sl].to(self.device),
                 kd_norm=kd.norm, clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
-                is_weights=is_w, norm_len=self.max_new_tokens, pg_denominator=pg_total, kd_denominator=kd_total,
-                pg_coef=algo.pg_coef)
-            nonfinite += self._backward(loss)
+                is_weights=is_w, norm_len=self.max_new_tokens, pg_denominator=share.pg_denominator,
+                kd_denominator=share.kd_denominator, pg_coef=algo.pg_coef)
+            m.nonfinite += self._backward(loss)
             tokens = float(mask.sum())
-            sums["tokens"] += tokens
-            sums["policy_loss"] += float(m["policy_loss"])
-            sums["kd_loss"] += float(m["kd_loss"])
-            sums["kd_k1_sum"] += float(m["kd_k1_sum"])
-            sums["kd_tokens"] += float(m["kd_tokens"])
-            sums["clip_frac"] += float(m["clip_frac"]) * tokens
-            sums["entropy"] += float((entropy * mask).sum())
-            with torch.no_grad():  # sampler (vLLM) vs learner log-probs of the same tokens
-                delta = (sampler - old_logp) * mask
-                sums["mismatch_k3"] += float(((torch.expm1(-delta) + delta) * mask).sum())
-                mismatch_max = max(mismatch_max, float(((sampler.exp() - old_logp.exp()).abs() * mask).max()))
+            m.tokens += tokens
+            m.policy_loss += float(lm["policy_loss"])
+            m.kd_loss += float(lm["kd_loss"])
+            m.kd_k1_sum += float(lm["kd_k1_sum"])
+            m.kd_tokens += float(lm["kd_tokens"])
+            m.clip_sum += float(lm["clip_frac"]) * tokens
+            m.entropy_sum += float((entropy * mask).sum())
+            with torch.no_grad():
+                delta = (sampler - current) * mask
+                m.mismatch_k3_sum += float(((torch.expm1(-delta) + delta) * mask).sum())
+                m.mismatch_max = max(m.mismatch_max, float(((sampler.exp() - current.exp()).abs() * mask).max()))
                 if is_w is not None:
-                    sums["tis_weight"] += float((is_w * mask).sum())
+                    m.tis_weight_sum += float((is_w * mask).sum())
         if self.rehearsal is not None:
-            sums["rehearsal_loss"], bad = self._rehearsal_backward(rehearsal_start)
-            nonfinite += bad
+            m.rehearsal_loss, bad = self._rehearsal_backward(share.rehearsal_start)
+            m.nonfinite += bad
         grad_norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        skipped = nonfinite > 0 or self.engine.skipped_steps > skipped_before
-        return {"rank": self.rank, "sums": sums, "mismatch_max": mismatch_max, "nonfinite": nonfinite,
-                "skipped": bool(skipped), "grad_norm": grad_norm, "train_s": time.perf_counter() - t0,
-                "batch": batch_stats(batch) if self.rank == 0 else None}
+        m.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        m.skipped = m.nonfinite > 0 or self.engine.skipped_steps > skipped_before
+        return m
 
     def _rehearsal_backward(self, start: int) -> tuple[float, int]:
         """DPH-RL: coef x the f-divergence to the initial policy, token mean over a chunk of

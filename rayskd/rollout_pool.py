@@ -15,7 +15,7 @@ from typing import Callable
 import ray
 
 from .actors import ActorGroup, TrainingError
-from .batch import PromptBatch
+from .batch import PromptBatch, split_prompts
 
 RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
 MAX_RETRIES = 3
@@ -58,10 +58,7 @@ class RolloutPool:
 
     def split(self, prompts: PromptBatch) -> list[PromptBatch]:
         """Contiguous, near-equal shares of the prompts, one per worker."""
-        n, k = len(prompts.uids), self.n
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        return [PromptBatch(*(getattr(prompts, f)[a:b] for f in ("uids", "prompt_ids", "prompts", "answers")))
-                for a, b in zip(bounds, bounds[1:])]
+        return split_prompts(prompts, self.n)
 
     def run(self, method: str, parts: list, *args, what: str, num_returns: int = 1) -> list:
         """Call `method(parts[i], *args)` on worker i for every part and wait for all of them.

@@ -13,11 +13,18 @@ from .losses import hidden_topk_logprobs
 from .modeling import SCORING_CHUNK, load_causal_lm, response_hidden, response_logprobs, vocab_limit
 
 
+def teacher_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    native_bf16 = device == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
 class TeacherScorer:
     def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int):
         self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        dtype = teacher_dtype(cfg.dtype, self.device)
         self.model = load_causal_lm(model_path, dtype, self.device).eval().requires_grad_(False)
         self.vocab_size = vocab_limit(tokenizer_len, self.model)
 

@@ -10,20 +10,24 @@ import os
 import signal
 import time
 
+import psutil
 import ray
 
 from . import checkpoint
 from .actors import ActorGroup, TrainingError, start_learners
-from .batch import PromptBatch, prompt_batch
-from .config import Config, to_yaml
+from .batch import LearnerShare, PromptBatch, batch_stats, prompt_batch
+from .config import Config, requests_per_step, to_yaml
+from .learner import StepMetrics, batch_normalisers
 from .losses import coef_at
 from .metrics import MetricsLog
+from .pipeline import ReadyBatch, RolloutPipeline
 from .preflight import Inputs, UsageError, check_inputs
 from .rollout import RolloutEngine
 from .rollout_pool import MAX_RETRIES, RolloutPool
 from .teacher import TeacherScorer
 
 STOP_AFTER_NONFINITE = 3
+PROCESS_START = psutil.Process().create_time()
 RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob difference| on a fixed sequence
 
 
@@ -40,7 +44,8 @@ class Trainer:
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
         self.step_num, self.weights_version, self.rehearsal_pos = 0, 0, 0
         self.nonfinite_in_a_row = 0
-        self.rollout = self.teacher = self.learner = None
+        self.started_steps = 0  # in this process (a resumed run counts from its restart)
+        self.rollout = self.teacher = self.learner = self.pipeline = None
         self.stop_requested = False  # set by SIGTERM: checkpoint after the current step and exit
         self._started_ray = False
 
@@ -65,13 +70,14 @@ class Trainer:
                        f"{cfg.learner.world_size} learner actors")
         rollout = ActorGroup(
             "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
-            lambda i, pg: (cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed, inputs.max_model_len,
-                           extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
+            lambda i, pg: dict(model_path=cfg.student.path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
+                               max_model_len=inputs.max_model_len, extra_path=extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
             max_restarts=MAX_RETRIES, task_retries=0)
         # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
-            lambda i, pg: (cfg.teacher.path, cfg.teacher, inputs.tokenizer_len), resources=dict(cfg.teacher.resources),
+            lambda i, pg: dict(model_path=cfg.teacher.path, cfg=cfg.teacher, tokenizer_len=inputs.tokenizer_len),
+            resources=dict(cfg.teacher.resources),
             env_vars=env, max_restarts=MAX_RETRIES, task_retries=MAX_RETRIES)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
@@ -80,6 +86,8 @@ class Trainer:
                                    lambda: self.learner.call("export_weights")[0])
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
+        self.pipeline = RolloutPipeline(self.rollout, self.teacher, self._next_prompts, requests_per_step(cfg),
+                                        cfg.algorithm.max_staleness, cfg.run.steps, self.log.event)
         if cfg.run.resume == "auto":
             self.restore()
 
@@ -105,42 +113,55 @@ class Trainer:
     # ---- one update ----
 
     def step(self) -> dict:
-        """Sample prompts, generate, reward (inside the rollout workers), score with the
-        teacher, update the learners, push the weights to every rollout engine, log."""
+        """Take this step's rollouts (generated, rewarded inside the rollout workers, and sent
+        to the teacher; the next max_staleness steps' are already generating), wait for the
+        teacher's scores, update the learners (each on its share), push the weights to every
+        rollout engine, log."""
         cfg, t = self.cfg, {}
         t0 = time.perf_counter()
-        prompts = self._next_prompts(cfg.algorithm.prompts_per_step)
-        t0_gen = time.perf_counter()
-        shards = self._generate(prompts)
-        t["generate_s"] = time.perf_counter() - t0_gen
-        scores = self.teacher.scatter("score", shards)
-        t["score_s"] = self._wait(scores)
+        if self.started_steps == 0:  # the time from process start to this process's first step
+            t["startup_s"] = time.time() - PROCESS_START
+        self.started_steps += 1
+        batch = self.pipeline.take(self.step_num, self.weights_version)
+        t["generate_s"] = time.perf_counter() - t0
+        t["score_s"] = self._timed(self.pipeline.wait, [r.score for r in batch.requests])
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
         t0_train = time.perf_counter()
-        results = ray.get(self.learner.call("train_step", self.step_num, coef, self.rehearsal_pos, *shards, *scores))
+        updates = self.learner.call_each("train_step", self._shares(batch, coef))
+        self.pipeline.wait(updates)
+        metrics = StepMetrics.merge(ray.get(updates))
         t["train_s"] = time.perf_counter() - t0_train
+        staleness = batch.staleness(self.weights_version)
         self.step_num += 1
         self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
         t["sync_s"] = self.sync_weights()
-        record = self._record(results, coef, t, time.perf_counter() - t0)
+        record = {"step": self.step_num, **batch_stats(batch.summaries), **metrics.record(cfg.algorithm),
+                  "kd_coef": coef, "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness)}
+        step_s = time.perf_counter() - t0
+        record.update(tokens_per_s=record["response_tokens"] / step_s, **t, step_s=step_s,
+                      skipped_long_prompts=self.inputs.train.skipped_too_long, weights_version=self.weights_version)
         self._check_finite(record)
         return record
 
-    def _generate(self, prompts) -> list:
-        """One generate call per rollout worker; returns refs to the shards (a worker that
-        dies is revived and re-runs the same prompts: see RolloutPool)."""
-        calls = self.rollout.run("generate_with_summary", self.rollout.split(prompts), self.step_num,
-                                 what=f"step {self.step_num + 1}", num_returns=2)
-        return [shard for shard, _ in calls]
+    def _shares(self, batch: ReadyBatch, coef: float) -> list[LearnerShare]:
+        """Each learner rank's contiguous share of the step's requests, with the batch-level
+        normalisers computed here from the requests' summaries."""
+        pg_total, kd_total = batch_normalisers(batch.summaries, self.cfg.algorithm, self.cfg.rollout.max_new_tokens)
+        per_rank = len(batch.requests) // self.learner.n
+        return [LearnerShare(step=self.step_num, kd_coef=coef, rehearsal_start=self.rehearsal_pos,
+                             pg_denominator=pg_total, kd_denominator=kd_total,
+                             shards=[r.shard for r in mine], scores=[r.score for r in mine])
+                for mine in (batch.requests[i * per_rank:(i + 1) * per_rank] for i in range(self.learner.n))]
 
-    def _next_prompts(self, count: int) -> PromptBatch:
-        return prompt_batch(self.inputs.train, self.sampler.next(count))
+    def _next_prompts(self, step: int) -> PromptBatch:
+        """The prompts of `step` (the pipeline asks for each step once, in order)."""
+        return prompt_batch(self.inputs.train, self.sampler.next(self.cfg.algorithm.prompts_per_step))
 
     @staticmethod
-    def _wait(refs: list) -> float:
+    def _timed(fn, *args) -> float:
         t0 = time.perf_counter()
-        ray.wait(refs, num_returns=len(refs))
+        fn(*args)
         return time.perf_counter() - t0
 
     def sync_weights(self, version: int | None = None) -> float:
@@ -153,30 +174,6 @@ class Trainer:
         self.rollout.load_weights(blobs[0], self.weights_version, self.cfg.rollout.sync_timeout_s)
         ray.get(blobs[1:])
         return time.perf_counter() - t0
-
-    def _record(self, results: list[dict], coef: float, t: dict, step_s: float) -> dict:
-        sums = {k: sum(r["sums"][k] for r in results) for k in results[0]["sums"]}
-        batch = results[0]["batch"]
-        tokens = max(sums["tokens"], 1.0)
-        record = {
-            "step": self.step_num, **batch,
-            # masked mean over the tokens the teacher term saw (None when the KD mask selected none)
-            "kd_divergence": sums["kd_k1_sum"] / sums["kd_tokens"] if sums["kd_tokens"] else None,
-            "kd_tokens": int(sums["kd_tokens"]), "kd_loss": sums["kd_loss"], "kd_coef": coef,
-            "policy_loss": sums["policy_loss"], "entropy": sums["entropy"] / tokens,
-            "clip_frac": sums["clip_frac"] / tokens, "grad_norm": results[0]["grad_norm"],
-            "sampler_mismatch_max": max(r["mismatch_max"] for r in results),
-            "sampler_mismatch_k3": sums["mismatch_k3"] / tokens,
-            "tokens_per_s": batch["response_tokens"] / step_s, **t, "step_s": step_s,
-            "skipped_update": any(r["skipped"] for r in results),
-            "nonfinite_losses": sum(r["nonfinite"] for r in results),
-            "skipped_long_prompts": self.inputs.train.skipped_too_long, "weights_version": self.weights_version,
-        }
-        if self.cfg.algorithm.tis_cap > 0:
-            record["tis_weight_mean"] = sums["tis_weight"] / tokens
-        if self.cfg.algorithm.rehearsal.coef > 0:
-            record["rehearsal_loss"] = sums["rehearsal_loss"]
-        return record
 
     def _check_finite(self, record: dict) -> None:
         if record["skipped_update"]:
@@ -207,6 +204,7 @@ class Trainer:
         cfg = self.cfg
         staging = checkpoint.staging_dir(cfg.run.output_dir, self.step_num)
         ray.get(self.learner.call("save_state", staging, cfg.student.path))
+        self.pipeline.save(staging)
         path = checkpoint.commit(cfg.run.output_dir, self.step_num, self.state_dict(), cfg.run.keep_checkpoints)
         self.log.event(f"checkpoint: {path}")
         return path
@@ -224,6 +222,7 @@ class Trainer:
         self.load_state_dict(checkpoint.load_trainer_state(path))
         self.log.truncate_after(step)
         self.sync_weights(version=self.weights_version)  # the restored weights keep their version
+        self.pipeline.load(path)  # the samples already drawn for the next steps (max_staleness >= 1)
         seq = self.inputs.train.prompt_ids[0] + [self.inputs.eos_id]
         engines = ray.get([w.sequence_logprobs.remote(seq) for w in self.rollout.actors])
         learner = ray.get(self.learner.actors[0].sequence_logprobs.remote(seq))
@@ -282,12 +281,14 @@ class Trainer:
     # ---- tear-down: every path ----
 
     def shutdown(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
         if self.rollout is not None:
             self.rollout.shutdown()
         for group in (self.teacher, self.learner):
             if group is not None:
                 group.kill()
-        self.rollout = self.teacher = self.learner = None
+        self.rollout = self.teacher = self.learner = self.pipeline = None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

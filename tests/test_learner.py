@@ -5,7 +5,8 @@ import socket
 import pytest
 import torch
 
-from rayskd.batch import RolloutShard, TeacherScores, pad_rows
+from rayskd.batch import LearnerShare, RolloutShard, TeacherScores, batch_stats, pad_rows, summarize
+from rayskd.learner import batch_normalisers
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +20,21 @@ def free_port():
 @pytest.fixture(scope="module")
 def learner(demo_assets):
     from rayskd.config import load_config
-    from rayskd.learner import Learner
+    from rayskd.learner import Learner, LearnerSpec
 
     cfg = load_config("configs/demo.yaml", ["learner.world_size=1", "algorithm.prompts_per_step=2",
                                             "rollout.samples_per_prompt=2", "learner.micro_batch_size=2",
                                             "learner.lr=1e-3"])
-    return Learner(cfg.student.path, cfg.learner, cfg.algorithm, 1.0, 6, 2, 13, 0, 1, "127.0.0.1", free_port(), 0)
+    learner = Learner(LearnerSpec.from_config(cfg, 13), rank=0, world_size=1, master_addr="127.0.0.1",
+                      master_port=free_port())
+    return learner
+
+
+def train(learner, step, s, scores):
+    """One update on the whole of shard `s` (one rank: its share is the batch)."""
+    pg, kd = batch_normalisers([summarize(s)], learner.algo, 6)
+    return learner.train_step(LearnerShare(step=step, kd_coef=1.0, rehearsal_start=0, pg_denominator=pg,
+                                           kd_denominator=kd, shards=[s], scores=[scores]))
 
 
 def shard(responses, rewards):
@@ -44,11 +54,11 @@ def test_empty_response_is_a_valid_sample(learner):
     s = shard([[], [0, 5, 2, 12], [0, 5, 3, 12], [12]], [0.0, 1.0, 0.0, 0.0])
     scores = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
     before = params(learner)
-    out = learner.train_step(0, 1.0, 0, s, scores)
-    assert not out["skipped"] and out["nonfinite"] == 0
-    for key, value in out["sums"].items():
+    out = train(learner, 0, s, scores)
+    assert not out.skipped and out.nonfinite == 0
+    for key, value in vars(out).items():
         assert value == value and abs(value) != float("inf"), key
-    assert out["batch"]["empty_frac"] == 0.25
+    assert batch_stats([summarize(s)])["empty_frac"] == 0.25
     assert (params(learner) - before).abs().max() > 0  # the update happened
 
 
@@ -56,9 +66,9 @@ def test_non_finite_loss_skips_the_update(learner):
     s = shard([[0, 5, 2, 12], [0, 5, 3, 12], [0, 1, 12], [1, 12]], [1.0, 0.0, 0.0, 0.0])
     scores = TeacherScores(logp_NR=torch.full((4, 4), float("nan")))
     before = params(learner)
-    out = learner.train_step(1, 1.0, 0, s, scores)
-    assert out["skipped"] and out["nonfinite"] >= 1
+    out = train(learner, 1, s, scores)
+    assert out.skipped and out.nonfinite >= 1
     assert torch.equal(params(learner), before)  # weights untouched
     good = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
-    out = learner.train_step(2, 1.0, 0, s, good)  # and the next finite step trains normally
-    assert not out["skipped"] and not torch.equal(params(learner), before)
+    out = train(learner, 2, s, good)  # and the next finite step trains normally
+    assert not out.skipped and not torch.equal(params(learner), before)

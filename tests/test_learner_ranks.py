@@ -1,12 +1,16 @@
 """Data parallelism end to end: real DeepSpeed ranks (gloo) in real Ray actors. Two ranks with
 several micro-batches each make the same update as one rank on the whole batch, with the
 KD mask and its normaliser in play (issue 8.10: the normalisation used to be checked by
-simulation only)."""
+simulation only). Each rank receives only its share of the batch; the batch-level normalisers
+come from the requests' summaries."""
+from dataclasses import fields
+
 import pytest
 import ray
 import torch
 
-from rayskd.batch import RolloutShard, TeacherScores, pad_rows
+from rayskd.batch import LearnerShare, RolloutShard, TeacherScores, pad_rows, summarize
+from rayskd.learner import StepMetrics, batch_normalisers
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +45,29 @@ def one_update(assets, world_size: int, shard, scores, tokenizer_len: int):
         f"algorithm.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={G}", "learner.lr=1e-3",
         "learner.warmup_steps=0", "algorithm.kd.mask=incorrect_only", "algorithm.kd.norm=masked",
         "algorithm.kd.coef=0.5", "algorithm.tis_cap=2.0"])
+    # two requests of two prompts each: W=1 trains both, W=2 one per rank
+    halves = [halve(shard, i) for i in (0, 1)], [halve(scores, i) for i in (0, 1)]
+    pg, kd = batch_normalisers([summarize(h) for h in halves[0]], cfg.algorithm, 6)
+    per = 2 // world_size
+    shares = [LearnerShare(step=0, kd_coef=0.5, rehearsal_start=0, pg_denominator=pg, kd_denominator=kd,
+                           shards=halves[0][r * per:(r + 1) * per], scores=halves[1][r * per:(r + 1) * per])
+              for r in range(world_size)]
     group = start_learners(cfg, tokenizer_len)
     try:
-        results = ray.get(group.call("train_step", 0, 0.5, 0, shard, scores))
+        metrics = StepMetrics.merge(ray.get(group.call_each("train_step", shares)))
         weights = unpack_weights(ray.get(group.call("export_weights"))[0])
     finally:
         group.kill()
-    sums = {k: sum(r["sums"][k] for r in results) for k in results[0]["sums"]}
-    return weights, sums, results[0]["grad_norm"]
+    return weights, vars(metrics), metrics.grad_norm
+
+
+def halve(x, i):
+    """The first (i=0) or second half of the sequences of a shard or of teacher scores."""
+    n = x.response_ids_NR.shape[0] if isinstance(x, RolloutShard) else x.logp_NR.shape[0]
+    sl = slice(i * n // 2, (i + 1) * n // 2)
+    cut = {f.name: (getattr(x, f.name)[sl] if isinstance(getattr(x, f.name), torch.Tensor) else getattr(x, f.name))
+           for f in fields(x)}
+    return type(x)(**cut)
 
 
 def test_two_ranks_with_micro_batches_equal_one_rank_on_the_whole_batch(demo_assets):
@@ -70,7 +89,7 @@ def test_two_ranks_with_micro_batches_equal_one_rank_on_the_whole_batch(demo_ass
     # order moves only near-zero gradient entries, by << lr) ...
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
     # ... and the same loss terms and metric sums
-    for key in ("policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "tokens", "tis_weight"):
+    for key in ("policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "tokens", "tis_weight_sum"):
         assert abs(sums1[key] - sums2[key]) <= 1e-5 * max(1.0, abs(sums1[key])), (key, sums1[key], sums2[key])
     # the logged divergence is the masked mean over the incorrect responses' tokens (issue 8.3)
     wrong = (shard.rewards_N <= 0).float()[:, None] * mask

@@ -1,0 +1,208 @@
+"""The rollout pipeline: generation requests in flight, teacher scoring, versions, staleness.
+
+Each step's prompts go out as `requests_per_step` generation requests, spread over the rollout
+engines (the least busy first). As soon as a request's samples exist, its scoring goes to the
+least busy teacher scorer, while the driver waits on anything else (`wait` and `take` keep
+dispatching). With `max_staleness = k` the requests of the next k steps are in flight while the
+learner trains: an engine runs its calls in the order they were sent, so a request sent before
+the weight sync of version v is sampled with the weights it held then. Steps are submitted in
+order, each at the start of the step k earlier, so the request of step t is sampled with weights
+version max(0, t - k) and is trained on at version t: never more than k versions old. `take`
+checks that bound on every request (the version each engine reports) and regenerates one that
+breaks it. Every sample keeps the version it was drawn with; the learner uses the sampler's
+log-probs as the behaviour policy when k >= 1.
+
+A checkpoint saves the requests already generated for later steps (`save`), so a resumed run
+trains on exactly the samples the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import ray
+
+from .actors import ActorGroup, TrainingError
+from .batch import PromptBatch, RolloutSummary, shard_from_tensors, shard_to_tensors, split_prompts, summarize
+from .rollout_pool import MAX_RETRIES, RESTARTABLE, RolloutPool
+
+PENDING_FILE = "pending_rollouts.safetensors"
+
+
+@dataclass
+class Request:
+    """One generation request: some prompts of one step, on one engine, then one teacher."""
+    step: int
+    prompts: PromptBatch
+    engine: int = -1
+    shard: object = None  # ObjectRef of the RolloutShard
+    summary_ref: object = None
+    summary: RolloutSummary | None = None
+    score: object = None  # ObjectRef of the TeacherScores, once dispatched
+    teacher: int = -1
+    attempts: int = 0
+
+
+@dataclass
+class ReadyBatch:
+    """A step's requests, all generated (their scores may still be running)."""
+    step: int
+    requests: list[Request]
+
+    @property
+    def summaries(self) -> list[RolloutSummary]:
+        return [r.summary for r in self.requests]
+
+    def staleness(self, version: int) -> list[int]:
+        """Weight versions between each sequence's sampler and the learner at `version`."""
+        return [version - s.weights_version for s in self.summaries for _ in s.uids]
+
+
+class RolloutPipeline:
+    def __init__(self, pool: RolloutPool, teachers: ActorGroup, prompts_for: Callable[[int], PromptBatch],
+                 requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None]):
+        """`prompts_for(step)` draws the prompts of `step` (called once per step, in order)."""
+        self.pool, self.teachers, self.prompts_for = pool, teachers, prompts_for
+        self.requests_per_step, self.max_staleness, self.end_step = requests_per_step, max_staleness, end_step
+        self.event = event
+        self.inflight: dict[int, list[Request]] = {}
+        self.scoring: list[tuple[int, object]] = []  # (teacher, score ref) not known to be finished
+
+    # ---- submitting ----
+
+    def fill(self, step: int) -> None:
+        """Have steps step .. step + max_staleness in flight (none past the run's end)."""
+        for s in range(step, min(step + self.max_staleness + 1, self.end_step)):
+            if s not in self.inflight:
+                self.inflight[s] = [Request(s, part) for part in split_prompts(self.prompts_for(s),
+                                                                               self.requests_per_step)]
+                for r in self.inflight[s]:
+                    self._generate(r)
+
+    def _generate(self, r: Request) -> None:
+        """Send `r` to the engine with the fewest requests still generating."""
+        load = [0] * self.pool.n
+        for q in self._pending():
+            if q.engine >= 0 and q is not r:
+                load[q.engine] += 1
+        r.engine = load.index(min(load))
+        r.summary, r.score, r.teacher = None, None, -1
+        r.shard, r.summary_ref = self.pool.actors[r.engine].generate_with_summary.options(num_returns=2).remote(
+            r.prompts, r.step)
+
+    def _score(self, r: Request) -> None:
+        """Send `r`'s samples to the teacher with the fewest scoring calls outstanding."""
+        if self.scoring:
+            done = set(ray.wait([ref for _, ref in self.scoring], num_returns=len(self.scoring), timeout=0)[0])
+            self.scoring = [(t, ref) for t, ref in self.scoring if ref not in done]
+        load = [0] * self.teachers.n
+        for t, _ in self.scoring:
+            load[t] += 1
+        r.teacher = load.index(min(load))
+        r.score = self.teachers.actors[r.teacher].score.remote(r.shard)
+        self.scoring.append((r.teacher, r.score))
+
+    # ---- waiting while dispatching ----
+
+    def _pending(self) -> list[Request]:
+        return [r for reqs in self.inflight.values() for r in reqs if r.summary is None]
+
+    def pump(self, block: bool) -> None:
+        """Collect the requests that finished generating and send each to a teacher; with
+        `block`, first wait until at least one finishes. A failed engine is revived and its
+        request re-sent (same seeds: same samples, unless the weights moved on meanwhile)."""
+        pending = self._pending()
+        if not pending:
+            return
+        refs = [r.summary_ref for r in pending]
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        ready = set(ready)
+        for r in pending:
+            if r.summary_ref not in ready:
+                continue
+            try:
+                r.summary = ray.get(r.summary_ref)
+            except RESTARTABLE as e:
+                r.attempts += 1
+                self.event(f"rollout worker {r.engine} failed during step {r.step + 1} ({type(e).__name__}); "
+                           f"retrying its request")
+                if r.attempts > MAX_RETRIES:
+                    raise TrainingError(f"rollout requests of step {r.step + 1} kept failing after {MAX_RETRIES} "
+                                        f"retries") from None
+                self.pool.revive(r.engine)
+                self._generate(r)
+                continue
+            self._score(r)
+
+    def wait(self, refs: list) -> None:
+        """Wait for `refs`, dispatching finished generations to the teachers meanwhile."""
+        while True:
+            _, not_ready = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if not not_ready:
+                return
+            pending = self._pending()
+            if not pending:
+                ray.wait(refs, num_returns=len(refs))
+                return
+            ray.wait([*not_ready, *(r.summary_ref for r in pending)], num_returns=1)
+            self.pump(block=False)
+
+    def take(self, step: int, version: int) -> ReadyBatch:
+        """The requests of `step`, all generated and sent to the teachers; the following steps'
+        requests are sent first, so they generate while this one trains. A request sampled
+        more than max_staleness versions before `version` is regenerated."""
+        self.fill(step)
+        while True:
+            while any(r.summary is None for r in self.inflight[step]):
+                self.pump(block=True)
+            stale = [r for r in self.inflight[step] if version - r.summary.weights_version > self.max_staleness]
+            if not stale:
+                return ReadyBatch(step, self.inflight.pop(step))
+            self.event(f"step {step + 1}: {len(stale)} request(s) sampled more than {self.max_staleness} versions "
+                       f"ago; regenerating them")
+            for r in stale:
+                r.attempts += 1
+                if r.attempts > MAX_RETRIES:
+                    raise TrainingError(f"step {step + 1}: rollout engine {r.engine} still samples with weights "
+                                        f"version {r.summary.weights_version}, more than algorithm.max_staleness="
+                                        f"{self.max_staleness} behind the learner's {version}")
+                self._generate(r)
+
+    # ---- checkpoints ----
+
+    def save(self, directory: str) -> None:
+        """Write the requests already sent for later steps (their samples are fetched here)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, []
+        for step in sorted(self.inflight):
+            for i, r in enumerate(self.inflight[step]):
+                while r.summary is None:  # a retried request must finish first
+                    self.pump(block=True)
+                t, m = shard_to_tensors(ray.get(r.shard), f"{step}.{i}")
+                tensors.update(t)
+                meta.append({"step": step, "index": i, "prompts": asdict(r.prompts), **m})
+        save_file(tensors, os.path.join(directory, PENDING_FILE), metadata={"requests": json.dumps(meta)})
+
+    def load(self, directory: str) -> None:
+        """Put the saved requests back in flight (their teacher scores are recomputed)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, PENDING_FILE)
+        if not os.path.exists(path):
+            return
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["requests"])
+        tensors = load_file(path)
+        for m in meta:
+            shard = shard_from_tensors(tensors, f"{m['step']}.{m['index']}", m)
+            r = Request(m["step"], PromptBatch(**m["prompts"]), shard=ray.put(shard), summary=summarize(shard))
+            self.inflight.setdefault(m["step"], []).append(r)
+            self._score(r)
+
+    def shutdown(self) -> None:
+        self.inflight.clear()
+        self.scoring.clear()

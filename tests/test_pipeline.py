@@ -1,0 +1,106 @@
+"""The rollout pipeline's bookkeeping, with real Ray actors standing in for the engines and
+teachers (orchestration only: no model is involved). Engines run their calls in order, as
+vLLM engines in Ray actors do, and report the weights version they sampled with."""
+import pytest
+import ray
+import torch
+
+from rayskd.actors import TrainingError
+from rayskd.batch import PromptBatch, RolloutShard, summarize
+from rayskd.pipeline import RolloutPipeline
+
+pytestmark = pytest.mark.slow
+
+G = 2
+
+
+@ray.remote
+class FakeEngine:
+    def __init__(self, lag: int = 0):
+        self.version, self.lag, self.log = 0, lag, []
+
+    def generate_with_summary(self, prompts, step):
+        n = len(prompts.uids) * G
+        self.log.append(("generate", step, self.version))
+        shard = RolloutShard(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                             torch.zeros(n, 2, dtype=torch.long), torch.full((n,), 2), torch.zeros(n, 2),
+                             torch.zeros(n), torch.zeros(n, dtype=torch.bool),
+                             torch.tensor(prompts.uids).repeat_interleave(G), G, self.version)
+        return shard, summarize(shard)
+
+    def load_weights(self, blob, version):
+        self.version = max(0, version - self.lag)
+        return version
+
+    def calls(self):
+        return self.log
+
+
+@ray.remote
+class FakeTeacher:
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, shard):
+        self.scored += 1
+        return shard.num_sequences
+
+    def count(self):
+        return self.scored
+
+
+class Group:
+    def __init__(self, actors):
+        self.actors, self.n = actors, len(actors)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def prompts_for(step, per_step=8):
+    uids = list(range(step * per_step, (step + 1) * per_step))
+    return PromptBatch(uids, [[1]] * per_step, ["p"] * per_step, ["a"] * per_step)
+
+
+def run(max_staleness, steps=6, engines=2, teachers=3, lag=0, requests=4):
+    pool = Group([FakeEngine.remote(lag) for _ in range(engines)])
+    teach = Group([FakeTeacher.remote() for _ in range(teachers)])
+    asked, events = [], []
+
+    def prompts(step):
+        asked.append(step)
+        return prompts_for(step)
+
+    pipe = RolloutPipeline(pool, teach, prompts, requests, max_staleness, steps, events.append)
+    version, seen = 0, []
+    for step in range(steps):
+        batch = pipe.take(step, version)
+        pipe.wait([r.score for r in batch.requests])
+        assert sum(ray.get([r.score for r in batch.requests])) == 8 * G
+        seen.append((step, batch.staleness(version), sorted({u for s in batch.summaries for u in s.uids})))
+        version += 1  # the update, then the weight sync, queued behind whatever is generating
+        ray.get([e.load_weights.remote(None, version) for e in pool.actors])
+    return seen, asked, pool, teach, events
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_no_sample_exceeds_the_staleness_bound_and_overlap_is_real(k):
+    seen, asked, pool, teach, _ = run(k)
+    assert asked == list(range(6))  # every step's prompts drawn once, in order
+    for step, staleness, uids in seen:
+        assert uids == list(range(step * 8, (step + 1) * 8))  # no prompt lost or repeated
+        assert max(staleness) <= k
+        # step t is sampled with version max(0, t - k): the overlap is as deep as allowed
+        assert set(staleness) == {min(step, k)}
+    # requests spread over every engine and every teacher
+    assert all(ray.get([e.calls.remote() for e in pool.actors]))
+    assert all(c > 0 for c in ray.get([t.count.remote() for t in teach.actors]))
+
+
+def test_an_engine_that_lags_too_far_is_refused_not_trained_on():
+    with pytest.raises(TrainingError, match="max_staleness=1"):
+        run(1, lag=3)
