@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 # everything the algorithm computes; timings are excluded
 DETERMINISTIC = ("reward_mean", "reward_std", "kd_divergence", "kd_loss", "policy_loss", "entropy",
-                 "response_len_mean", "grad_norm", "sampler_mismatch_max", "weights_version_sampled", "eval_accuracy")
+                 "response_len_mean", "grad_norm", "sampler_mismatch_max", "weights_version_sampled", "eval_accuracy", "staleness_max",
+                 "prompt_uids")
 
 
 def small_dataset(assets, path, n=64):
@@ -26,13 +27,16 @@ def small_dataset(assets, path, n=64):
             f.write(json.dumps(r) + "\n")
 
 
-def test_sigkill_after_end_of_pass_then_resume_is_exact(demo_assets, tmp_path, no_leftover_engines):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_sigkill_after_end_of_pass_then_resume_is_exact(demo_assets, tmp_path, no_leftover_engines, staleness):
+    """With max_staleness=1 the checkpoint also holds the samples already drawn for the next
+    step, so the resumed run trains on exactly the same ones."""
     assets, _ = demo_assets
     data = tmp_path / "train.jsonl"
     small_dataset(assets, data)  # 64 prompts, 32 per step: a pass over the data is exactly 2 steps
     config = os.path.abspath("configs/demo.yaml")
     args = ["run.steps=4", "run.checkpoint_every=1", f"data.train_path={data}", "learner.world_size=2",
-            "run.eval_every=0", "run.eval_max_prompts=48"]
+            "run.eval_every=0", "run.eval_max_prompts=48", f"algorithm.max_staleness={staleness}"]
 
     full = tmp_path / "full"
     r = rayskd("train", config, *args, f"run.output_dir={full}")

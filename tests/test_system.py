@@ -51,6 +51,24 @@ def test_kdrl_two_learner_ranks(demo_assets, tmp_path, no_leftover_engines):
     assert "held-out accuracy" in r.stdout
 
 
+def test_overlapped_generation_never_trains_on_samples_older_than_the_bound(demo_assets, tmp_path,
+                                                                           no_leftover_engines):
+    """algorithm.max_staleness=1 with finer requests (4 per step over 2 ranks) and two teacher
+    scorers: the next step's rollouts generate while the learner trains, so every step after
+    the first trains on samples exactly one version old, never older, with no prompt lost."""
+    config = os.path.abspath("configs/demo.yaml")
+    run = tmp_path / "run"
+    r = rayskd("train", config, "run.steps=4", f"run.output_dir={run}", "learner.world_size=2",
+               "algorithm.max_staleness=1", "rollout.prompts_per_request=8", "teacher.num_workers=2", *FAST)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = metrics(run)
+    assert [m["staleness_max"] for m in rows] == [0, 1, 1, 1]
+    assert [m["weights_version_sampled"] for m in rows] == [0, 0, 1, 2]
+    for m in rows:
+        assert m["skipped_update"] is False and m["kd_divergence"] > 0 and len(m["prompt_uids"]) == 32
+    assert len({u for m in rows for u in m["prompt_uids"]}) == 4 * 32  # no prompt repeated or lost
+
+
 def test_topk_teacher_forward_kl_and_k1_reward_distillation_only(demo_assets, tmp_path, no_leftover_engines):
     """The top-k path end to end: the teacher sends k log-probs plus its tail log-mass, the
     learner takes forward KL on that support; and k1_reward with pg_coef=0 (distillation
