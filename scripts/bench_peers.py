@@ -3,7 +3,9 @@
 
     python scripts/bench_peers.py [--settings demo,long,teacher_heavy] [--engines ...]
 
-Engines: rayskd (the CLI, configs/demo.yaml with the setting's overrides), TRL's
+Engines: rayskd (the CLI, configs/demo.yaml with the setting's overrides and
+algorithm.max_staleness=1), rayskd_sequential (the same, strictly on-policy with an fp32
+teacher: how rayskd ran before the pipeline), TRL's
 DistillationTrainer (on-policy, beta=1: reverse KL), GKDTrainer (lmbda=1: on-policy, beta=1)
 and GRPOTrainer (no teacher), all with HF generate in one process, fp32 on CPU. Every engine
 gets the same student, teacher, prompts, sequences per update and new tokens; in `long` and
@@ -48,12 +50,18 @@ SETTINGS = {
                  warmup=3, measure=8, micro_batch=64),
     # a >= 10M student, a teacher >= 4x its size, 128 new tokens per sequence
     "long": dict(student=STUDENT_10M, teacher=TEACHER_4X, prompts=8, samples=4, max_new_tokens=128, forced=True,
-                 warmup=2, measure=4, micro_batch=16),
+                 warmup=2, measure=3, micro_batch=16),
     # a teacher >= 10x the student
     "teacher_heavy": dict(student=SMALL, teacher=TEACHER_10X, prompts=8, samples=4, max_new_tokens=128, forced=True,
-                          warmup=2, measure=4, micro_batch=16),
+                          warmup=2, measure=3, micro_batch=16),
 }
-ENGINES = ("rayskd", "trl_distillation", "trl_gkd", "trl_grpo")
+# rayskd as configured here (generation overlapped with learning), and as it ran before the
+# pipeline (strictly on-policy, fp32 teacher) for the before/after ratio in the same run
+RAYSKD_VARIANTS = {
+    "rayskd": ["algorithm.max_staleness=1"],
+    "rayskd_sequential": ["algorithm.max_staleness=0", "teacher.dtype=float32"],
+}
+ENGINES = (*RAYSKD_VARIANTS, "trl_distillation", "trl_gkd", "trl_grpo")
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # GKD needs one; adds nothing
 
 
@@ -165,12 +173,13 @@ def rayskd_overrides(spec: dict, dirs: dict, out_dir: str) -> list[str]:
     ]
 
 
-def bench_rayskd(name: str, spec: dict, dirs: dict, work: str, extra: list[str]) -> dict:
-    out_dir = os.path.join(work, name, "rayskd")
-    cmd = [sys.executable, "-m", "rayskd", "train", "configs/demo.yaml", *rayskd_overrides(spec, dirs, out_dir), *extra]
-    rc, peak = run_measured(cmd, os.path.join(work, f"{name}-rayskd.log"))
+def bench_rayskd(variant: str, name: str, spec: dict, dirs: dict, work: str, extra: list[str]) -> dict:
+    out_dir = os.path.join(work, name, variant)
+    cmd = [sys.executable, "-m", "rayskd", "train", "configs/demo.yaml", *rayskd_overrides(spec, dirs, out_dir),
+           *RAYSKD_VARIANTS[variant], *extra]
+    rc, peak = run_measured(cmd, os.path.join(work, f"{name}-{variant}.log"))
     if rc != 0:
-        raise RuntimeError(f"rayskd failed in setting {name}: see {work}/{name}-rayskd.log")
+        raise RuntimeError(f"{variant} failed in setting {name}: see {work}/{name}-{variant}.log")
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     measured = recs[spec["warmup"]:]
     s = statistics.median(r["step_s"] for r in measured)
@@ -179,7 +188,8 @@ def bench_rayskd(name: str, spec: dict, dirs: dict, work: str, extra: list[str])
               for k in ("generate_s", "score_s", "train_s", "sync_s", "wait_s") if k in measured[0]}
     return {"s_per_step": s, "samples_per_s": seqs / s,
             "tokens_per_s": statistics.median(r["response_tokens"] for r in measured) / s,
-            "startup_s": recs[0]["startup_s"], "peak_mem_gib": peak, "phases": phases}
+            "startup_s": recs[0]["startup_s"], "peak_mem_gib": peak, "phases": phases,
+            "overrides": RAYSKD_VARIANTS[variant] + extra}
 
 
 # ---- TRL --------------------------------------------------------------------------------
@@ -345,15 +355,15 @@ def main() -> int:
                                   "teacher_params": param_count(dirs["teacher"])}, "engines": {}}
         for engine in engines:
             print(f"[bench] {name}: {engine}", flush=True)
-            r = bench_rayskd(name, spec, dirs, work, args.rayskd_override) if engine == "rayskd" \
+            r = bench_rayskd(engine, name, spec, dirs, work, args.rayskd_override) if engine in RAYSKD_VARIANTS \
                 else bench_trl(engine, name, spec, work)
             results[name]["engines"][engine] = r
             print(f"[bench] {name}: {engine}: {r['s_per_step']:.3f} s/step, {r['samples_per_s']:.0f} samples/s, "
                   f"startup {r['startup_s']:.1f} s", flush=True)
-        trl = {e: r for e, r in results[name]["engines"].items() if e.startswith("trl")}
-        if "rayskd" in results[name]["engines"] and trl:
+        others = {e: r for e, r in results[name]["engines"].items() if e != "rayskd"}
+        if "rayskd" in results[name]["engines"] and others:
             ours = results[name]["engines"]["rayskd"]["samples_per_s"]
-            results[name]["rayskd_vs"] = {e: round(ours / r["samples_per_s"], 2) for e, r in trl.items()}
+            results[name]["rayskd_vs"] = {e: round(ours / r["samples_per_s"], 2) for e, r in others.items()}
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "trl": TRL_VERSION,
               "command": " ".join(["python", "scripts/bench_peers.py", *sys.argv[1:]]), "settings": results}
     if os.path.exists(args.out) and set(settings) != set(SETTINGS):  # a partial run keeps the other settings
@@ -369,7 +379,7 @@ def main() -> int:
 def table(report: dict) -> str:
     lines = [f"{report['date']}, {report['machine']}, TRL {report['trl']}",
              f"{'setting':<14}{'engine':<18}{'s/step':>8}{'samples/s':>11}{'tokens/s':>10}{'startup s':>11}"
-             f"{'peak GiB':>10}  vs rayskd"]
+             f"{'peak GiB':>10}  rayskd is"]
     for name, r in report["settings"].items():
         for engine, e in r["engines"].items():
             ratio = r.get("rayskd_vs", {}).get(engine)

@@ -9,13 +9,15 @@ os.chdir(ROOT)  # configs/ and demo_assets/ are relative to the project root
 
 
 def engine_processes() -> set[int]:
+    """vLLM's engine-core processes (GPU) and the rollout actors that host the engine in-process
+    (CPU): none may outlive the run that started them."""
     out = set()
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
             text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "EngineCore" in text:
+        if "EngineCore" in text or "ray::RolloutEngine" in text:
             out.add(p.info["pid"])
     return out
 
