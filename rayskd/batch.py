@@ -123,7 +123,6 @@ class LearnerShare:
     """One learner rank's part of an update: object refs to its rollout shards and their
     teacher scores (the rank fetches them itself: the driver never holds token data), and
     the normalisers of the whole batch (see `losses.aggregate_denominator`)."""
-    step: int
     kd_coef: float
     rehearsal_start: int
     pg_denominator: float

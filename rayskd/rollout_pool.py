@@ -60,20 +60,20 @@ class RolloutPool:
         """Contiguous, near-equal shares of the prompts, one per worker."""
         return split_prompts(prompts, self.n)
 
-    def run(self, method: str, parts: list, *args, what: str, num_returns: int = 1) -> list:
+    def run(self, method: str, parts: list, *args, what: str) -> list:
         """Call `method(parts[i], *args)` on worker i for every part and wait for all of them.
         A worker that dies is revived and its part re-run, at most MAX_RETRIES times. Returns
-        each call's object ref(s); with num_returns > 1 only the last value is fetched here
-        (to learn of a failure), so a call can return bulky data first and a small summary last."""
+        each call's object ref. (Training rollouts go through rayskd/pipeline.py instead,
+        which does not wait for all of them.)"""
         def submit(i):
-            return getattr(self.actors[i], method).options(num_returns=num_returns).remote(parts[i], *args)
+            return getattr(self.actors[i], method).remote(parts[i], *args)
 
         calls = [submit(i) for i in range(len(parts))]
         for attempt in range(MAX_RETRIES + 1):
             failed = []
             for i, refs in enumerate(calls):
                 try:
-                    ray.get(refs[-1] if num_returns > 1 else refs)
+                    ray.get(refs)
                 except RESTARTABLE as e:
                     failed.append(i)
                     self.event(f"rollout worker {i} failed during {what} ({type(e).__name__}); retrying its work")

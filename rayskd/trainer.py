@@ -149,7 +149,7 @@ class Trainer:
         normalisers computed here from the requests' summaries."""
         pg_total, kd_total = batch_normalisers(batch.summaries, self.cfg.algorithm, self.cfg.rollout.max_new_tokens)
         per_rank = len(batch.requests) // self.learner.n
-        return [LearnerShare(step=self.step_num, kd_coef=coef, rehearsal_start=self.rehearsal_pos,
+        return [LearnerShare(kd_coef=coef, rehearsal_start=self.rehearsal_pos,
                              pg_denominator=pg_total, kd_denominator=kd_total,
                              shards=[r.shard for r in mine], scores=[r.score for r in mine])
                 for mine in (batch.requests[i * per_rank:(i + 1) * per_rank] for i in range(self.learner.n))]

@@ -33,7 +33,7 @@ def learner(demo_assets):
 def train(learner, step, s, scores):
     """One update on the whole of shard `s` (one rank: its share is the batch)."""
     pg, kd = batch_normalisers([summarize(s)], learner.algo, 6)
-    return learner.train_step(LearnerShare(step=step, kd_coef=1.0, rehearsal_start=0, pg_denominator=pg,
+    return learner.train_step(LearnerShare(kd_coef=1.0, rehearsal_start=0, pg_denominator=pg,
                                            kd_denominator=kd, shards=[s], scores=[scores]))
 
 

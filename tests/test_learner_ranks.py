@@ -49,7 +49,7 @@ def one_update(assets, world_size: int, shard, scores, tokenizer_len: int):
     halves = [halve(shard, i) for i in (0, 1)], [halve(scores, i) for i in (0, 1)]
     pg, kd = batch_normalisers([summarize(h) for h in halves[0]], cfg.algorithm, 6)
     per = 2 // world_size
-    shares = [LearnerShare(step=0, kd_coef=0.5, rehearsal_start=0, pg_denominator=pg, kd_denominator=kd,
+    shares = [LearnerShare(kd_coef=0.5, rehearsal_start=0, pg_denominator=pg, kd_denominator=kd,
                            shards=halves[0][r * per:(r + 1) * per], scores=halves[1][r * per:(r + 1) * per])
               for r in range(world_size)]
     group = start_learners(cfg, tokenizer_len)
