@@ -181,6 +181,32 @@ def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
                          topk_logp_NRK1=cat([s.topk_logp_NRK1 for s in scores]))
 
 
+def micro_batches(seq_len_N: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:
+    """Index sets that split N sequences into micro-batches. max_tokens == 0: contiguous chunks
+    of `max_rows`, in order. Otherwise by a token budget: the sequences longest first, each set
+    as many as fit rows x its longest <= max_tokens (a longer sequence goes alone), so a set
+    holds near-equal lengths and padding stays small; `max_rows` is then unused."""
+    n = len(seq_len_N)
+    if max_tokens <= 0:
+        return [torch.arange(s, min(s + max_rows, n)) for s in range(0, n, max_rows)]
+    order = torch.argsort(seq_len_N, descending=True, stable=True)
+    sets, start = [], 0
+    while start < n:
+        longest = max(int(seq_len_N[order[start]]), 1)
+        rows = max(1, min(max_tokens // longest, n - start))
+        sets.append(order[start:start + rows])
+        start += rows
+    return sets
+
+
+def forward_fields(rows, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(prompt_ids, prompt_len, response_ids, response_len) of rows `idx` of a RolloutShard or
+    RehearsalRows, cut to the widths those rows need (at least one column)."""
+    prompt_len, response_len = rows.prompt_len_N[idx], rows.response_len_N[idx]
+    p, r = max(int(prompt_len.max()), 1), max(int(response_len.max()), 1)
+    return rows.prompt_ids_NP[idx, :p], prompt_len, rows.response_ids_NR[idx, :r], response_len
+
+
 def sequences_for_forward(prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, pad_id: int = 0):
     """Pack prompt + response per row: input_ids [N, L], attention_mask [N, L] and the
     position of the logits that predict each response token, positions_NR [N, R]

@@ -70,6 +70,9 @@ class TeacherConfig:
     resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
     micro_batch_size: int = 16
+    # > 0: micro-batches by a token budget instead of micro_batch_size rows: sequences grouped
+    # by length, rows x longest (prompt + response) <= this (see batch.micro_batches)
+    max_tokens_per_batch: int = 0
     temperature: float = 1.0  # the teacher is scored at this temperature
     # weights and activations of the frozen teacher (log-softmax is fp32 either way); auto:
     # bfloat16 on GPU, and on CPU where it has native bf16 matrix units (2.8x fp32 measured on
@@ -110,6 +113,7 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by token budget, as teacher.max_tokens_per_batch
     bf16: bool = False
     logprob_chunk: int = 1024
 
@@ -288,6 +292,7 @@ def validate(cfg: Config) -> None:
                    "custom resources need a positive amount (set CPU/GPU with gpus_per_worker)")
     _check(teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     _check(teacher.micro_batch_size >= 1, "teacher.micro_batch_size", "must be >= 1")
+    _check(teacher.max_tokens_per_batch >= 0, "teacher.max_tokens_per_batch", "must be >= 0 (0: micro_batch_size rows)")
     _check(teacher.temperature > 0, "teacher.temperature", "must be > 0")
     _choice("teacher.dtype", teacher.dtype, ("auto", "float32", "bfloat16"))
 
@@ -311,6 +316,8 @@ def validate(cfg: Config) -> None:
     _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")
     _check(learner.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
     _check(learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+    _check(learner.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch",
+           "must be >= 0 (0: micro_batch_size rows)")
     _check(learner.logprob_chunk >= 1, "learner.logprob_chunk", "must be >= 1")
 
     _check(algo.prompts_per_step >= 1, "algorithm.prompts_per_step", "must be >= 1")
@@ -330,7 +337,7 @@ def validate(cfg: Config) -> None:
            f"prompts_per_step x samples_per_prompt = {sequences} sequences must split evenly over "
            f"learner.world_size={learner.world_size} ranks")
     per_rank = sequences // learner.world_size
-    _check(per_rank % learner.micro_batch_size == 0, "learner.micro_batch_size",
+    _check(learner.max_tokens_per_micro_batch or per_rank % learner.micro_batch_size == 0, "learner.micro_batch_size",
            f"each rank trains {per_rank} sequences per step, not a multiple of micro_batch_size="
            f"{learner.micro_batch_size}")
 

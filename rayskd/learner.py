@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .batch import (
-    LearnerShare, RolloutShard, RolloutSummary, TeacherScores, concat_scores, concat_shards, length_mask,
+    LearnerShare, RolloutShard, RolloutSummary, TeacherScores, concat_scores, concat_shards, forward_fields, length_mask,
+    micro_batches,
 )
 from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
@@ -121,9 +122,12 @@ class Learner:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       betas=(0.9, 0.999), fused=self.gpu)
         ds_config = {
+            # train_step owns the accumulation: any number of backward passes, then one step()
+            # (micro-batches by token budget vary in number from step to step)
+            "managed_gradient_accumulation": False,
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": self.micro_batches_per_step,
-            "train_batch_size": cfg.micro_batch_size * self.micro_batches_per_step * world_size,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg.micro_batch_size * world_size,
             # clipping also makes DeepSpeed check the global gradient norm: a non-finite one
             # skips the update on every rank (see train_step)
             "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 1e12,
@@ -146,15 +150,6 @@ class Learner:
     def ready(self) -> bool:
         return True
 
-    @property
-    def micro_batches_per_step(self) -> int:
-        """Backward passes per update on each rank: its share of the rollout batch (and of
-        the rehearsal chunk) in micro-batches. The config guarantees an even split."""
-        main = self.sequences_per_step // self.world_size // self.cfg.micro_batch_size
-        reh = self.algo.rehearsal
-        extra = math.ceil(reh.samples_per_step / self.world_size / self.cfg.micro_batch_size) if reh.coef > 0 else 0
-        return main + extra
-
     def _forward_logp(self, fields, with_entropy=False):
         """Hidden states at the response positions, the LM head, and log pi_theta(token) at
         the sampling temperature (and its entropy)."""
@@ -165,37 +160,58 @@ class Learner:
         return (h, w, *out) if with_entropy else (h, w, out)
 
     def _backward(self, loss: torch.Tensor) -> int:
-        """Backward one micro-batch. A non-finite loss is turned into NaN gradients, which
-        DeepSpeed's global-norm check turns into a skipped update on every rank."""
+        """Backward one micro-batch (the update is one engine.step() after the last). A
+        non-finite loss is turned into NaN gradients, which DeepSpeed's global-norm check turns
+        into a skipped update on every rank."""
         bad = int(not torch.isfinite(loss))
         if bad:
             loss = loss * float("nan")
-        # DeepSpeed averages over ranks and micro-batches; our losses are already shares of
-        # the batch aggregate, so undo that averaging
-        self.engine.backward(loss * (self.world_size * self.micro_batches_per_step))
-        self.engine.step()
+        # DeepSpeed averages the gradients over ranks; our losses are already shares of the
+        # batch aggregate, so undo that averaging
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         return bad
+
+    def _agreed_count(self, count: int) -> int:
+        """The most micro-batches any rank has this step: ZeRO-2 reduces gradients in every
+        backward pass, so every rank must run as many (the others add zero-loss passes)."""
+        if self.world_size == 1:
+            return count
+        import deepspeed.comm as dist
+
+        t = torch.tensor([count], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _zero_loss(self) -> torch.Tensor:
+        return sum(p.sum() for p in self.engine.module.parameters()) * 0.0
 
     def train_step(self, share: LearnerShare) -> StepMetrics:
         """One update: this rank trains on its share of the batch (fetched here from the object
-        store), normalised by the whole batch's denominators; DeepSpeed averages the gradients."""
+        store) in micro-batches (`micro_batch_size` rows, or length-grouped by
+        `max_tokens_per_micro_batch`), normalised by the whole batch's denominators; DeepSpeed
+        averages the gradients."""
         shards, scores = fetch(share.shards), fetch(share.scores)
         batch: RolloutShard = concat_shards(shards)
         teacher: TeacherScores = concat_scores(scores, batch.response_ids_NR.shape[1])
-        algo, kd = self.algo, self.algo.kd
+        algo, kd, cfg = self.algo, self.algo.kd, self.cfg
         mask_NR = batch.response_mask_NR()
         adv_N = group_advantages(batch.rewards_N, batch.group_size, algo.advantage)
         kd_mask_N = kd_sequence_mask(batch.rewards_N, batch.group_size, kd.mask)
+        main = micro_batches(batch.prompt_len_N + batch.response_len_N, cfg.micro_batch_size,
+                             cfg.max_tokens_per_micro_batch)
+        rehearsal = self._rehearsal_batches(share.rehearsal_start) if self.rehearsal is not None else None
+        own = len(main) + (len(rehearsal[2]) if rehearsal else 0)
+        count = self._agreed_count(own)
         m = StepMetrics()
-        mb = self.cfg.micro_batch_size
         skipped_before = self.engine.skipped_steps
-        for s in range(0, batch.num_sequences, mb):
-            sl = slice(s, s + mb)
-            seqs = (batch.prompt_ids_NP[sl], batch.prompt_len_N[sl], batch.response_ids_NR[sl], batch.response_len_N[sl])
-            mask = mask_NR[sl].to(self.device)
+        for idx in main:
+            seqs = forward_fields(batch, idx)
+            r = seqs[2].shape[1]
+            dev = lambda t: t[idx, :r].to(self.device)  # noqa: E731  a [N, R, ...] tensor's rows and width
+            mask = dev(mask_NR)
             h, w, logp, entropy = self._forward_logp(seqs, with_entropy=True)
             current = logp.detach()
-            sampler = batch.sampler_logp_NR[sl].to(self.device)
+            sampler = dev(batch.sampler_logp_NR)
             # the behaviour policy: pi_theta itself when every sample is fresh (one update per
             # batch), the sampler's log-probs mu when samples may be stale (algorithm.max_staleness):
             # then GRPO gets the clipped ratio pi_theta / mu and the teacher term sg(pi_theta / mu)
@@ -204,11 +220,11 @@ class Learner:
             kd_values = None
             if kd.estimator == "topk":
                 kd_values = hidden_topk_divergence(
-                    h, w, teacher.topk_ids_NRK[sl].to(self.device), teacher.topk_logp_NRK1[sl].to(self.device),
-                    kd.divergence, kd.beta, kd.skew, self.temperature, self.cfg.logprob_chunk, self.vocab_size)
+                    h, w, dev(teacher.topk_ids_NRK), dev(teacher.topk_logp_NRK1), kd.divergence, kd.beta, kd.skew,
+                    self.temperature, cfg.logprob_chunk, self.vocab_size)
             loss, lm = kdrl_loss(
-                logp, old_logp, adv_N[sl].to(self.device), mask, teacher.logp_NR[sl].to(self.device), share.kd_coef,
-                estimator=kd.estimator, kd_values=kd_values, kd_seq_mask=kd_mask_N[sl].to(self.device),
+                logp, old_logp, adv_N[idx].to(self.device), mask, dev(teacher.logp_NR), share.kd_coef,
+                estimator=kd.estimator, kd_values=kd_values, kd_seq_mask=kd_mask_N[idx].to(self.device),
                 kd_norm=kd.norm, clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
                 is_weights=is_w, norm_len=self.max_new_tokens, pg_denominator=share.pg_denominator,
                 kd_denominator=share.kd_denominator, pg_coef=algo.pg_coef)
@@ -227,38 +243,44 @@ class Learner:
                 m.mismatch_max = max(m.mismatch_max, float(((sampler.exp() - current.exp()).abs() * mask).max()))
                 if is_w is not None:
                     m.tis_weight_sum += float((is_w * mask).sum())
-        if self.rehearsal is not None:
-            m.rehearsal_loss, bad = self._rehearsal_backward(share.rehearsal_start)
+        if rehearsal:
+            m.rehearsal_loss, bad = self._rehearsal_backward(*rehearsal)
             m.nonfinite += bad
+        for _ in range(count - own):
+            self._backward(self._zero_loss())
+        self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
         m.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         m.skipped = m.nonfinite > 0 or self.engine.skipped_steps > skipped_before
         return m
 
-    def _rehearsal_backward(self, start: int) -> tuple[float, int]:
-        """DPH-RL: coef x the f-divergence to the initial policy, token mean over a chunk of
-        cached reference samples, split over ranks and micro-batches."""
+    def _rehearsal_batches(self, start: int) -> tuple:
+        """This rank's part of the step's chunk of cached reference samples, in micro-batches:
+        (rows, the chunk's token count, index sets; none when the rank's part is empty)."""
         reh = self.algo.rehearsal
         rows = self.rehearsal.take(start, reh.samples_per_step)
-        mask_all = rows.response_mask_NR()
-        total = max(float(mask_all.sum()), 1.0)
+        total = max(float(rows.response_len_N.sum()), 1.0)
         per_rank = math.ceil(reh.samples_per_step / self.world_size)
-        lo, mb = self.rank * per_rank, self.cfg.micro_batch_size
+        lo = min(self.rank * per_rank, reh.samples_per_step)
+        mine = torch.arange(lo, min(lo + per_rank, reh.samples_per_step))
+        lengths = rows.prompt_len_N[mine] + rows.response_len_N[mine]
+        sets = micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        return rows, total, [mine[i] for i in sets]
+
+    def _rehearsal_backward(self, rows, total: float, batches: list) -> tuple[float, int]:
+        """DPH-RL: coef x the f-divergence to the initial policy, token mean over the step's
+        chunk of cached reference samples (split over ranks and micro-batches)."""
+        reh = self.algo.rehearsal
         value, bad = 0.0, 0
-        for i in range(math.ceil(per_rank / mb)):
-            sl = slice(lo + i * mb, min(lo + (i + 1) * mb, lo + per_rank))
-            mask = mask_all[sl].to(self.device)
-            if mask.shape[0] == 0:  # nothing left for this rank: a zero loss keeps the collectives aligned
-                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
-            else:
-                fields = (rows.prompt_ids_NP[sl], rows.prompt_len_N[sl], rows.response_ids_NR[sl],
-                          rows.response_len_N[sl])
-                _, _, logp = self._forward_logp(fields)
-                loss = rehearsal_loss(logp, rows.ref_logp_NR[sl].to(self.device), mask, reh.divergence, reh.alpha,
-                                      aggregation="token_mean") * (float(mask.sum()) / total)
-                value += float(loss)
-                loss = reh.coef * loss
-            bad += self._backward(loss)
+        for idx in batches:
+            fields = forward_fields(rows, idx)
+            r = fields[2].shape[1]
+            mask = rows.response_mask_NR()[idx, :r].to(self.device)
+            _, _, logp = self._forward_logp(fields)
+            loss = rehearsal_loss(logp, rows.ref_logp_NR[idx, :r].to(self.device), mask, reh.divergence, reh.alpha,
+                                  aggregation="token_mean") * (float(mask.sum()) / total)
+            value += float(loss)
+            bad += self._backward(reh.coef * loss)
         return value, bad
 
     # ---- checkpoints (rayskd's own format: no pickled objects, see checkpoint.py) ----
