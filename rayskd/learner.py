@@ -297,12 +297,10 @@ class Learner:
         """Write this rank's part of a checkpoint into `directory` (the staging directory)."""
         from safetensors.torch import save_file
 
-        blob = self.export_weights()
         if self.rank == 0:
-            from .weight_sync import unpack_weights
-
-            save_file(unpack_weights(blob), os.path.join(directory, "model.safetensors"))
-            self.save_pretrained(os.path.join(directory, "hf"), tokenizer_from, blob)
+            weights = self.full_state_dict()
+            save_file(weights, os.path.join(directory, "model.safetensors"))
+            self.save_pretrained(os.path.join(directory, "hf"), tokenizer_from, weights)
         parts = self._zero_partitions()
         if parts is not None:
             save_file({f"group{i}": t.detach().contiguous() for i, t in enumerate(parts)},
@@ -337,23 +335,25 @@ class Learner:
             setattr(self.engine, key, value)
         torch.set_rng_state(state["rng"])
 
-    def save_pretrained(self, path: str, tokenizer_from: str, blob: bytes | None = None) -> None:
-        """Write the student as a Hugging Face checkpoint (safetensors) with its tokenizer."""
-        state = blob if blob is not None else self.export_weights()
+    def save_pretrained(self, path: str, tokenizer_from: str, weights: dict | None = None) -> None:
+        """Write the student as a Hugging Face checkpoint (safetensors) with its tokenizer (rank 0)."""
         if self.rank != 0:
             return
         from transformers import AutoTokenizer
 
-        from .weight_sync import unpack_weights
-
         os.makedirs(path, exist_ok=True)
-        self.engine.module.save_pretrained(path, state_dict=unpack_weights(state), safe_serialization=True)
+        self.engine.module.save_pretrained(path, state_dict=weights if weights is not None else self.full_state_dict(),
+                                           safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
 
-    def export_weights(self) -> bytes | None:
-        """The full student state dict as safetensors bytes, on rank 0 (ZeRO 0-2 keep the
-        full parameters on every rank; stage 3 is refused by the config)."""
-        return pack_weights(self.engine.module.state_dict()) if self.rank == 0 else None
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full student state dict, on CPU (ZeRO 0-2 keep the full parameters on every
+        rank; stage 3 is refused by the config)."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.engine.module.state_dict().items()}
+
+    def sync_payload(self) -> bytes:
+        """The weights for the rollout engines, as `weight_sync.ObjectStoreSync` moves them."""
+        return pack_weights(self.full_state_dict())
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:

@@ -16,6 +16,7 @@ import ray
 
 from .actors import ActorGroup, TrainingError
 from .batch import PromptBatch, split_prompts
+from .weight_sync import ObjectStoreSync
 
 RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
 MAX_RETRIES = 3
@@ -40,13 +41,12 @@ def kill_leftovers(processes: list[tuple[str, int, float]]) -> None:
 
 
 class RolloutPool:
-    def __init__(self, group: ActorGroup, event: Callable[[str], None], version: Callable[[], int],
-                 export: Callable[[], object]):
-        """`version()` is the weights version the engines serve, `export()` those weights
-        (a blob or its ref): what a restarted worker must load before it takes work again
-        (nothing at version 0, the initial weights)."""
-        self.group, self.event, self.version, self.export = group, event, version, export
+    def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: ObjectStoreSync):
+        """`weights` moves the learner's weights into the engines, and into a restarted one
+        before it takes work again."""
+        self.group, self.event, self.weights = group, event, weights
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
+        weights.setup(self.actors)
 
     @property
     def n(self) -> int:
@@ -86,10 +86,11 @@ class RolloutPool:
                 calls[i] = submit(i)
         raise TrainingError(f"rollout workers {failed} kept failing during {what} after {MAX_RETRIES} retries")
 
-    def load_weights(self, blob, version: int, timeout_s: float) -> None:
-        """Every engine loads `blob` as `version`; fails (never hangs) after `timeout_s` naming
-        the engines that did not finish. One that dies meanwhile is revived with the weights."""
-        loads = [w.load_weights.remote(blob, version) for w in self.actors]
+    def sync_weights(self, version: int, timeout_s: float) -> None:
+        """Every engine loads the learner's current weights as `version`; fails (never hangs)
+        after `timeout_s` naming the engines that did not finish. One that dies meanwhile is
+        revived with the weights."""
+        loads = self.weights.push(self.actors, version)
         _, pending = ray.wait(loads, num_returns=len(loads), timeout=timeout_s)
         if pending:
             late = [i for i, r in enumerate(loads) if r in pending]
@@ -114,8 +115,7 @@ class RolloutPool:
                 if time.time() > deadline:
                     raise TrainingError(f"rollout worker {i} did not come back within {REVIVE_TIMEOUT_S} s") from None
                 time.sleep(2)
-        if self.version() > 0:
-            ray.get(actor.load_weights.remote(self.export(), self.version()))
+        self.weights.rejoin(actor)
 
     def shutdown(self) -> None:
         """Shut the engines down, kill the actors, and kill any engine process left behind."""

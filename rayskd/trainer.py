@@ -25,6 +25,7 @@ from .preflight import Inputs, UsageError, check_inputs
 from .rollout import RolloutEngine
 from .rollout_pool import MAX_RETRIES, RolloutPool
 from .teacher import TeacherScorer
+from .weight_sync import ObjectStoreSync
 
 STOP_AFTER_NONFINITE = 3
 PROCESS_START = psutil.Process().create_time()
@@ -82,8 +83,7 @@ class Trainer:
         self.learner = start_learners(cfg, inputs.tokenizer_len, env)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
-        self.rollout = RolloutPool(rollout, self.log.event, lambda: self.weights_version,
-                                   lambda: self.learner.call("export_weights")[0])
+        self.rollout = RolloutPool(rollout, self.log.event, ObjectStoreSync(self.learner))
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
         self.pipeline = RolloutPipeline(self.rollout, self.teacher, self._next_prompts, requests_per_step(cfg),
@@ -170,9 +170,7 @@ class Trainer:
         finish."""
         t0 = time.perf_counter()
         self.weights_version = self.weights_version + 1 if version is None else version
-        blobs = self.learner.call("export_weights")
-        self.rollout.load_weights(blobs[0], self.weights_version, self.cfg.rollout.sync_timeout_s)
-        ray.get(blobs[1:])
+        self.rollout.sync_weights(self.weights_version, self.cfg.rollout.sync_timeout_s)
         return time.perf_counter() - t0
 
     def _check_finite(self, record: dict) -> None:

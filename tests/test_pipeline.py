@@ -104,3 +104,43 @@ def test_no_sample_exceeds_the_staleness_bound_and_overlap_is_real(k):
 def test_an_engine_that_lags_too_far_is_refused_not_trained_on():
     with pytest.raises(TrainingError, match="max_staleness=1"):
         run(1, lag=3)
+
+
+@ray.remote
+class FakeLearner:
+    def __init__(self):
+        self.updates = 0
+
+    def train_step(self):
+        self.updates += 1
+
+    def sync_payload(self):
+        return f"weights after {self.updates} updates"
+
+
+@ray.remote
+class LoadingEngine:
+    def __init__(self):
+        self.loaded = []
+
+    def load_weights(self, blob, version):
+        self.loaded.append((blob, version))
+        return version
+
+    def history(self):
+        return self.loaded
+
+
+def test_a_rejoining_engine_gets_the_pushed_version_not_newer_weights():
+    from rayskd.weight_sync import ObjectStoreSync
+
+    learner, engines = Group([FakeLearner.remote()]), [LoadingEngine.remote() for _ in range(2)]
+    sync = ObjectStoreSync(learner)
+    sync.rejoin(engines[0])  # version 0: the initial weights, nothing to load
+    ray.get(learner.actors[0].train_step.remote())
+    assert ray.get(sync.push(engines, 1)) == [1, 1]
+    ray.get(learner.actors[0].train_step.remote())  # the learner moves on (max_staleness >= 1) ...
+    restarted = LoadingEngine.remote()
+    sync.rejoin(restarted)  # ... a restarted engine must serve what the others serve
+    assert ray.get(restarted.history.remote()) == [("weights after 1 updates", 1)]
+    assert ray.get(engines[0].history.remote()) == [("weights after 1 updates", 1)]
