@@ -36,10 +36,10 @@ class TeacherScorer:
         length-grouped), each cut to its own widths and written back in the shard's order."""
         N, R = shard.response_ids_NR.shape
         k = self.cfg.top_k
-        logp = torch.zeros(N, R)
+        logp = torch.zeros(N, R, dtype=torch.float32)
         kk = min(k, self.vocab_size)
         top_ids = torch.zeros(N, R, kk, dtype=torch.long) if k > 0 else None
-        top_lps = torch.zeros(N, R, kk + 1) if k > 0 else None
+        top_lps = torch.zeros(N, R, kk + 1, dtype=torch.float32) if k > 0 else None
         lengths = shard.prompt_len_N + shard.response_len_N
         for idx in micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_batch):
             fields = forward_fields(shard, idx)
