@@ -30,6 +30,7 @@ NONLINEAR_HEAD = {
     "dim_model_base": "rescales the hidden state before the LM head",  # MiniCPM
 }
 NEUTRAL = (None, 1, 1.0)
+REWARD_PROBE_ROWS = 4  # training rows the reward function is tried on before anything starts
 
 
 def _check_model(key: str, path: str) -> None:
@@ -133,8 +134,15 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
                          f"max_position_embeddings={limit}")
     from .rewards.runner import RewardError, RewardRunner
 
-    try:  # import the reward function in a separate process, as training will
-        RewardRunner(cfg.reward.name, cfg.reward.function, cfg.reward.timeout_s, (os.getcwd(),)).close()
+    runner = None
+    try:  # import the reward function in a separate process, as training will, and try it on a few rows
+        runner = RewardRunner(cfg.reward.name, cfg.reward.function, cfg.reward.timeout_s, (os.getcwd(),),
+                              cfg.reward.max_memory_mb)
+        rows = train.rows[:REWARD_PROBE_ROWS]
+        runner.check([(r["prompt"], str(r["answer"]), r["answer"]) for r in rows])
     except RewardError as e:
         raise UsageError(f"reward: {e}") from None
+    finally:
+        if runner is not None:
+            runner.close()
     return Inputs(len(student_tok), student_tok.eos_token_id, train, evals, max_model_len)

@@ -1,14 +1,33 @@
-"""Runs reward functions in a separate process, under a per-sample timeout.
+"""Runs reward functions in a separate, confined process, under a per-sample timeout.
 
-A function that raises, or runs past `timeout_s`, scores 0 for that sample and is counted; a
-crash or hang of the whole process is contained (the process is restarted). A function that
-returns something other than one finite float is a programming error: `RewardError` names it.
+One sample never costs more than itself: a function that raises, returns something that is
+not a finite number, runs past `timeout_s`, overruns `max_memory_mb` or kills the process
+scores 0 for that sample and is counted (`reward_errors`, `reward_timeouts`); after a crash
+or hang the process is restarted and the rest of the batch is scored. Bools and numeric
+types (int, numpy and torch scalars) count as numbers.
+
+The process is confined: no Ray or CUDA variables in its environment (it cannot find the
+training cluster's address there), its own empty working directory, a cap on its data
+memory, and a lower CPU priority than training.
 """
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing as mp
+import numbers
+import os
 import signal
+import tempfile
+
+log = logging.getLogger(__name__)
+
+# variables the reward process does not inherit: Ray's (cluster address, tokens, session),
+# and the accelerators'
+SCRUBBED_PREFIXES = ("RAY_", "RAYSKD_", "CUDA_", "NCCL_", "VLLM_", "MASTER_", "HF_TOKEN")
+START_TIMEOUT_S = 120.0
+MARGIN_S = 10.0  # the parent's wait per sample beyond timeout_s, before it declares a hang
+MAX_LOGGED = 5  # bad samples described in the log per runner (all are counted)
 
 
 class RewardError(RuntimeError):
@@ -23,28 +42,39 @@ def _on_alarm(signum, frame):
     raise _Timeout()
 
 
-def _score_all(fn, items, timeout_s):
-    """In the child: score each (prompt, completion, answer), returning ("ok", value),
-    ("error", message) or ("timeout", None) per item."""
-    out = []
-    signal.signal(signal.SIGALRM, _on_alarm)
-    for prompt, completion, answer in items:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            out.append(("ok", fn(prompt, completion, answer)))
-        except _Timeout:
-            out.append(("timeout", None))
-        except Exception as e:  # the user's function raised: 0 for this sample
-            out.append(("error", f"{type(e).__name__}: {e}"))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    return out
+def as_reward(value) -> float | None:
+    """`value` as a finite float, or None when it is not a finite number."""
+    if isinstance(value, (str, bytes)) or not (isinstance(value, numbers.Real) or hasattr(value, "__float__")):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of more than one element
+        return None
+    return out if math.isfinite(out) else None
 
 
-def _child(conn, name, function, extra_path):
+def _confine(max_memory_mb: int) -> None:
+    """In the child, before any user code is imported."""
+    for key in list(os.environ):
+        if key.startswith(SCRUBBED_PREFIXES):
+            del os.environ[key]
+    os.chdir(tempfile.mkdtemp(prefix="rayskd-reward-"))
+    if max_memory_mb > 0:
+        import resource
+
+        limit = max_memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    try:
+        os.nice(5)
+    except OSError:
+        pass
+
+
+def _child(conn, name, function, extra_path, max_memory_mb):
     import sys
 
     sys.path[:0] = [p for p in extra_path if p not in sys.path]
+    _confine(max_memory_mb)
     from . import load_reward
 
     try:
@@ -53,67 +83,118 @@ def _child(conn, name, function, extra_path):
     except Exception as e:
         conn.send(("load_error", str(e)))
         return
+    signal.signal(signal.SIGALRM, _on_alarm)
     while True:
         msg = conn.recv()
         if msg is None:
             return
         items, timeout_s = msg
-        conn.send(("done", _score_all(fn, items, timeout_s)))
+        for prompt, completion, answer in items:  # one message per sample, as it is scored
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                value = fn(prompt, completion, answer)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                reward = as_reward(value)
+                result = ("ok", reward) if reward is not None else \
+                    ("error", f"returned {value!r} ({type(value).__name__}), not a finite number")
+            except _Timeout:
+                result = ("timeout", None)
+            except MemoryError:
+                result = ("error", f"ran out of memory (reward.max_memory_mb={max_memory_mb})")
+            except Exception as e:  # the user's function raised: 0 for this sample
+                result = ("error", f"{type(e).__name__}: {e}")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            conn.send(result)
 
 
 class RewardRunner:
     """Scores batches of samples in a child process. `score(items)` -> (rewards, stats)."""
 
-    def __init__(self, name: str, function: str | None, timeout_s: float, extra_path: tuple[str, ...] = ()):
+    def __init__(self, name: str, function: str | None, timeout_s: float, extra_path: tuple[str, ...] = (),
+                 max_memory_mb: int = 0):
         self.name, self.function, self.timeout_s, self.extra_path = name, function, timeout_s, tuple(extra_path)
+        self.max_memory_mb = max_memory_mb
         self.label = function or name
+        self.logged = 0
         self._proc = None
         self._start()
 
     def _start(self):
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child_conn, self.name, self.function, self.extra_path),
-                                 daemon=True, name="rayskd-reward")
+        self._proc = ctx.Process(target=_child, args=(child_conn, self.name, self.function, self.extra_path,
+                                                      self.max_memory_mb), daemon=True, name="rayskd-reward")
         self._proc.start()
-        if not self._conn.poll(120):
+        child_conn.close()  # ours is gone: the child's death shows as EOF here
+        if not self._conn.poll(START_TIMEOUT_S):
             self.close()
             raise RewardError(f"reward {self.label}: the reward process did not start")
-        kind, msg = self._conn.recv()
+        try:
+            kind, msg = self._conn.recv()
+        except EOFError:
+            self.close()
+            raise RewardError(f"reward {self.label}: the reward process died while loading the function") from None
         if kind != "ready":
             self.close()
             raise RewardError(msg)
 
+    def _note(self, what: str, item) -> None:
+        if self.logged < MAX_LOGGED:
+            self.logged += 1
+            log.warning("reward %s scored a sample 0 (%s); completion %r", self.label, what, item[1][:80])
+
     def score(self, items: list[tuple[str, str, str]]) -> tuple[list[float], dict]:
         stats = {"reward_errors": 0, "reward_timeouts": 0}
-        if not items:
-            return [], stats
-        deadline = self.timeout_s * len(items) + 30.0
-        try:
-            self._conn.send((items, self.timeout_s))
-            ready = self._conn.poll(deadline)
-            results = self._conn.recv()[1] if ready else None
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            results = None
-        if results is None:  # the process died or hung: restart it, score this batch 0
-            self.close()
-            self._start()
-            stats["reward_errors"] += len(items)
-            return [0.0] * len(items), stats
-        rewards = []
-        for kind, value in results:
-            if kind == "timeout":
-                stats["reward_timeouts"] += 1
+        rewards: list[float] = []
+        while len(rewards) < len(items):
+            rest = items[len(rewards):]
+            try:
+                self._conn.send((rest, self.timeout_s))
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                self._restart()
+                continue
+            for item in rest:
+                try:
+                    result = self._conn.recv() if self._conn.poll(self.timeout_s + MARGIN_S) else None
+                except (EOFError, ConnectionResetError, OSError):
+                    result = None
+                if result is None:  # the process died or hung on this sample: 0, restart, go on
+                    stats["reward_errors"] += 1
+                    rewards.append(0.0)
+                    self._note("the reward process died or hung", item)
+                    self._restart()
+                    break
+                kind, value = result
+                if kind == "ok":
+                    rewards.append(value)
+                    continue
+                stats["reward_timeouts" if kind == "timeout" else "reward_errors"] += 1
                 rewards.append(0.0)
-            elif kind == "error":
-                stats["reward_errors"] += 1
-                rewards.append(0.0)
-            else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise RewardError(f"reward function {self.label} must return one finite float per sample, "
-                                      f"got {value!r}")
-                rewards.append(float(value))
+                self._note(f"timed out after {self.timeout_s}s" if kind == "timeout" else value, item)
         return rewards, stats
+
+    def check(self, items: list[tuple[str, str, str]]) -> None:
+        """Before training: RewardError when the function fails on every one of `items`."""
+        logged, self.logged = self.logged, MAX_LOGGED  # the error below says what went wrong
+        _, stats = self.score(items)
+        self.logged = logged
+        if items and stats["reward_errors"] + stats["reward_timeouts"] == len(items):
+            raise RewardError(f"reward {self.label} failed on all {len(items)} training rows it was tried on "
+                              f"(completion = the reference answer): {self._first_failure(items[0])}")
+
+    def _first_failure(self, item) -> str:
+        """What went wrong on `item`, in words."""
+        self._conn.send(([item], self.timeout_s))
+        result = self._conn.recv() if self._conn.poll(self.timeout_s + MARGIN_S) else None
+        if result is None:
+            self._restart()
+            return "the reward process died or hung"
+        return f"timed out after {self.timeout_s}s" if result[0] == "timeout" else str(result[1])
+
+    def _restart(self):
+        self.close()
+        self._start()
 
     def close(self):
         if self._proc is not None:
