@@ -7,13 +7,17 @@ Layout: RUN_DIR/checkpoints/step_000042/
                                loaded with torch.load(weights_only=True))
     learner_rank{r}.safetensors rank r's fp32 master partition
     trainer.json               driver state: step, sampler, weights version, rehearsal position, RNG
+    MANIFEST.json              size and SHA-256 of every file above
     COMPLETE                   written last, inside the temporary directory
 A checkpoint is written under step_000042.tmp and renamed into place only when complete;
 a crash mid-write leaves a .tmp directory that is never read and is removed next time.
-Older checkpoints are deleted only after the new one is committed.
+Older checkpoints are deleted only after the new one is committed. Before a resume uses a
+checkpoint its files are checked against the manifest; a damaged one (a truncated file, a
+missing rank file) is passed over for the newest intact one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +25,7 @@ import shutil
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -50,6 +55,11 @@ def commit(run_dir: str, step: int, trainer_state: dict, keep: int) -> str:
         json.dump(trainer_state, f)
         f.flush()
         os.fsync(f.fileno())
+    files = manifest(tmp)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(files, f)
+        f.flush()
+        os.fsync(f.fileno())
     with open(os.path.join(tmp, MARKER), "w") as f:
         f.write(str(step))
         f.flush()
@@ -72,6 +82,55 @@ def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         if m and os.path.isfile(os.path.join(root, name, MARKER)):
             out.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(out)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(directory: str) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, directory)] = [os.path.getsize(path), _sha256(path)]
+    return out
+
+
+def verify(path: str) -> str | None:
+    """What is wrong with the checkpoint at `path` (None: intact). Sizes first, then checksums."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for rel, (size, _) in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+    for rel, (_, digest) in files.items():
+        if _sha256(os.path.join(path, rel)) != digest:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def newest_intact(run_dir: str) -> tuple[tuple[int, str] | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint whose files match its manifest, and the newer ones
+    passed over with what is wrong with each."""
+    damaged = []
+    for step, path in reversed(complete_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return (step, path), damaged
+        damaged.append((path, problem))
+    return None, damaged
 
 
 def latest(run_dir: str) -> tuple[int, str] | None:

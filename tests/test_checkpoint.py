@@ -29,3 +29,23 @@ def test_partial_write_is_never_taken(tmp_path):
     assert ck.latest(str(tmp_path))[0] == 1
     make(tmp_path, 3)  # the next commit clears the stale staging directory
     assert not os.path.exists(os.path.join(ck.checkpoints_dir(str(tmp_path)), "step_000002.tmp"))
+
+
+def test_damaged_checkpoints_are_passed_over_for_the_newest_intact_one(tmp_path):
+    for s in (1, 2, 3, 4):
+        tmp = ck.staging_dir(str(tmp_path), s)
+        open(os.path.join(tmp, "model.safetensors"), "wb").write(bytes(range(256)) * 4)
+        open(os.path.join(tmp, "learner_rank1.pt"), "wb").write(b"rank one")
+        ck.commit(str(tmp_path), s, {"step": s}, keep=4)
+    paths = dict(ck.complete_checkpoints(str(tmp_path)))
+    assert ck.newest_intact(str(tmp_path)) == ((4, paths[4]), [])
+    with open(os.path.join(paths[4], "model.safetensors"), "r+b") as f:
+        f.truncate(100)  # truncated
+    os.remove(os.path.join(paths[3], "learner_rank1.pt"))  # a rank file missing
+    with open(os.path.join(paths[2], "model.safetensors"), "r+b") as f:
+        f.write(b"\xff")  # same size, other bytes
+    found, damaged = ck.newest_intact(str(tmp_path))
+    assert found == (1, paths[1])
+    assert damaged == [(paths[4], "model.safetensors has 100 bytes, 1024 were written"),
+                       (paths[3], "learner_rank1.pt is missing"),
+                       (paths[2], "model.safetensors does not match its checksum")]
