@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config, notices, to_yaml
+from .config import ConfigError, first_line, load_config, notices, to_yaml
 from .preflight import UsageError
 
 
@@ -31,35 +31,42 @@ def cmd_prepare_demo(args) -> int:
     return 0
 
 
+# exit statuses of a training run
+FINISHED, FAILED, USAGE, STOPPED, INTERRUPTED = 0, 1, 2, 3, 130
+
+
 def _run(cfg) -> int:
+    """Train; any stop the driver survives checkpoints the last completed step first. Exit 0
+    when the run finished, 3 when it stopped on request (SIGTERM, `rayskd stop`), 1 on an
+    error, 130 on Ctrl-C: everything but 0 can be continued with `rayskd resume`."""
     from .trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg)  # checks every input before anything starts
     trainer.handle_sigterm()
+    resume = f"continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`"
     try:
         trainer.setup()
         summary = trainer.fit()
-    except TrainingError as e:
-        print(f"rayskd: training stopped: {e}", file=sys.stderr)
-        print(f"rayskd: continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"rayskd: interrupted; actors shut down. Continue with `rayskd resume {cfg.run.output_dir}`",
-              file=sys.stderr)
-        return 130
+        print("rayskd: interrupted (Ctrl-C); checkpointing the last completed step", file=sys.stderr)
+        trainer.checkpoint_on_stop("interrupted")
+        print(f"rayskd: interrupted; {resume}", file=sys.stderr)
+        return INTERRUPTED
     except Exception as e:  # an actor raised: say what, not where in Ray it surfaced
-        cause = getattr(e, "cause", None) or e
-        print(f"rayskd: training stopped: {type(cause).__name__}: {cause}", file=sys.stderr)
-        print(f"rayskd: continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`",
-              file=sys.stderr)
-        return 1
+        cause = e if isinstance(e, TrainingError) else (getattr(e, "cause", None) or e)
+        what = str(cause) if isinstance(cause, TrainingError) else f"{type(cause).__name__}: {cause}"
+        trainer.checkpoint_on_stop("training stopped")
+        print(f"rayskd: training stopped: {what}", file=sys.stderr)
+        print(f"rayskd: {resume}", file=sys.stderr)
+        return FAILED
     finally:
         trainer.shutdown()
     print(f"run directory: {cfg.run.output_dir}")
+    if summary.get("stopped"):
+        return STOPPED
     if summary.get("eval_before") is not None and summary.get("eval_after") is not None:
         print(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}")
-    return 0
+    return FINISHED
 
 
 def cmd_train(args) -> int:
@@ -166,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as e:
         print(f"rayskd: config error: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     except UsageError as e:
         print(f"rayskd: {e}", file=sys.stderr)
-        return 2
+        return USAGE
+    except ConnectionError as e:  # submit/status/logs/stop: the cluster's address does not answer
+        print(f"rayskd: cannot reach the Ray cluster: {first_line(e)}", file=sys.stderr)
+        return USAGE
 
 
 if __name__ == "__main__":

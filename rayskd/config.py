@@ -55,6 +55,9 @@ class RewardConfig:
     name: str = "exact_match"  # a built-in reward: exact_match | math
     function: Optional[str] = None  # or "module:function" taking (prompt, completion, answer) -> float
     timeout_s: float = 10.0
+    # cap on the reward process's data memory (RLIMIT_DATA); a sample that overruns it
+    # scores 0 and is counted, like one that raises (0: no cap)
+    max_memory_mb: int = 4096
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ PATH_KEYS = ("run.output_dir", "data.train_path", "data.eval_path", "student.pat
              "algorithm.rehearsal.data_path")
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
@@ -213,10 +216,14 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         raise
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
-        msg = getattr(e, "msg", None) or _first_line(e)
-        raise ConfigError(key, _first_line(Exception(msg))) from None
+        msg = getattr(e, "msg", None) or first_line(e)
+        raise ConfigError(key, first_line(Exception(msg))) from None
     except Exception as e:  # YAML syntax errors and the like
-        raise ConfigError(path or "", _first_line(e)) from None
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:  # where in the file: line and column, 1-based
+            what = getattr(e, "problem", None) or first_line(e)
+            raise ConfigError(path or "", f"line {mark.line + 1}, column {mark.column + 1}: {what}") from None
+        raise ConfigError(path or "", first_line(e)) from None
     for key in PATH_KEYS:
         value = get_key(cfg, key)
         if value:
@@ -279,6 +286,7 @@ def validate(cfg: Config) -> None:
         mod, _, fn = reward.function.partition(":")
         _check(bool(mod) and bool(fn), "reward.function", f"must look like 'module:function', got {reward.function!r}")
     _check(reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(reward.max_memory_mb >= 0, "reward.max_memory_mb", "must be >= 0 (0: no cap)")
 
     for section, c in (("rollout", rollout), ("teacher", teacher)):
         _check(c.num_workers >= 1, f"{section}.num_workers", "must be >= 1")

@@ -172,22 +172,40 @@ class RolloutPipeline:
 
     # ---- checkpoints ----
 
-    def save(self, directory: str) -> None:
-        """Write the requests already sent for later steps (their samples are fetched here)."""
+    def save(self, directory: str, wait: bool = True) -> None:
+        """Write the requests already sent for later steps (their samples are fetched here).
+        `wait=False` (a checkpoint on the way out): a request not finished, or whose engine
+        failed, is written as its prompts only and generated again after the resume, with the
+        same seeds."""
         from safetensors.torch import save_file
 
         tensors, meta = {}, []
         for step in sorted(self.inflight):
             for i, r in enumerate(self.inflight[step]):
-                while r.summary is None:  # a retried request must finish first
+                while wait and r.summary is None:  # a retried request must finish first
                     self.pump(block=True)
-                t, m = shard_to_tensors(ray.get(r.shard), f"{step}.{i}")
-                tensors.update(t)
-                meta.append({"step": step, "index": i, "prompts": asdict(r.prompts), **m})
+                entry = {"step": step, "index": i, "prompts": asdict(r.prompts)}
+                shard = self._finished_shard(r) if not wait else ray.get(r.shard)
+                if shard is not None:
+                    t, m = shard_to_tensors(shard, f"{step}.{i}")
+                    tensors.update(t)
+                    entry.update(m)
+                meta.append(entry)
         save_file(tensors, os.path.join(directory, PENDING_FILE), metadata={"requests": json.dumps(meta)})
 
+    @staticmethod
+    def _finished_shard(r: Request):
+        """The samples of `r` if its engine delivered them, else None (without waiting)."""
+        if not ray.wait([r.shard], timeout=0)[0]:
+            return None
+        try:
+            return ray.get(r.shard)
+        except Exception:
+            return None
+
     def load(self, directory: str) -> None:
-        """Put the saved requests back in flight (their teacher scores are recomputed)."""
+        """Put the saved requests back in flight: samples go to the teachers (their scores are
+        recomputed), requests saved as prompts only to the engines."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -198,9 +216,13 @@ class RolloutPipeline:
             meta = json.loads(f.metadata()["requests"])
         tensors = load_file(path)
         for m in meta:
-            shard = shard_from_tensors(tensors, f"{m['step']}.{m['index']}", m)
-            r = Request(m["step"], PromptBatch(**m["prompts"]), shard=ray.put(shard), summary=summarize(shard))
+            r = Request(m["step"], PromptBatch(**m["prompts"]))
             self.inflight.setdefault(m["step"], []).append(r)
+            if "group_size" not in m:
+                self._generate(r)
+                continue
+            shard = shard_from_tensors(tensors, f"{m['step']}.{m['index']}", m)
+            r.shard, r.summary = ray.put(shard), summarize(shard)
             self._score(r)
 
     def shutdown(self) -> None:

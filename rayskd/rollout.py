@@ -6,6 +6,7 @@ rewards, scored in a separate process (rewards/runner.py).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +21,21 @@ from .weight_sync import WORKER_EXTENSION
 
 def _has_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def engine_alive():
+    """A vLLM engine whose EngineCore process died cannot be brought back inside this actor:
+    exit, so that Ray restarts the actor and the rollout pool re-issues its work, as for any
+    dead rollout worker."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except EngineDeadError:
+        logging.getLogger(__name__).error("rayskd: the vLLM engine died; exiting so that Ray restarts this "
+                                          "rollout worker")
+        os._exit(1)
 
 
 def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
@@ -42,8 +58,8 @@ class RolloutEngine:
             # On CPU the engine core and its worker run in this process: no two extra processes
             # that each import vLLM (engine start 18 s -> 5 s measured) and no IPC per call
             # (a demo-sized generate 0.077 s -> 0.033 s). On GPU vLLM's own processes overlap
-            # scheduling with the device, so they stay.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # scheduling with the device, so they stay. (Setting it to 1 brings the process back.)
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         # "RotaryEmbedding: Failed to load weights" on every in-place reload: it has none
@@ -61,7 +77,7 @@ class RolloutEngine:
         # tokenizer's rows only, so the engine must never sample (or normalise over) the others
         rows, real = self.llm.llm_engine.model_config.get_vocab_size(), len(self.tokenizer)
         self.padding_bias = {i: float("-inf") for i in range(real, rows)} or None
-        self.rewards = RewardRunner(reward.name, reward.function, reward.timeout_s, extra_path)
+        self.rewards = RewardRunner(reward.name, reward.function, reward.timeout_s, extra_path, reward.max_memory_mb)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -87,7 +103,9 @@ class RolloutEngine:
         (run seed, step, prompt uid), so results do not depend on which worker gets a prompt."""
         n = n or (1 if greedy else self.cfg.samples_per_prompt)
         params = [self._params(n, greedy, request_seed(self.seed, step, uid, n)) for uid in prompts.uids]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params, use_tqdm=False)
+        with engine_alive():
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params,
+                                        use_tqdm=False)
         prompt_rows, resp_rows, logp_rows, truncated, uids, items = [], [], [], [], [], []
         for i, out in enumerate(outputs):
             for sample in out.outputs:
@@ -130,7 +148,8 @@ class RolloutEngine:
 
     def load_weights(self, blob: bytes, version: int) -> int:
         """Load the learner's weights (safetensors bytes) into the engine; returns the version."""
-        self.llm.collective_rpc("rayskd_load_weights", args=(blob,))
+        with engine_alive():
+            self.llm.collective_rpc("rayskd_load_weights", args=(blob,))
         self.version = version
         return version
 

@@ -1,10 +1,12 @@
 """The rollout workers as one pool, with their recovery in one place.
 
-A worker that dies is restarted by Ray (`max_restarts`, but no task retries: Ray would re-run
-the call on an engine that holds the initial weights). The pool waits for the restart, pushes
-the current weights, and re-issues the same work; the per-request seeds make the retried
-samples the same ones. Generation, evaluation and the weight sync all go through here, so
-they recover the same way.
+A worker that dies (its process, or its vLLM engine: the actor then exits) is restarted by
+Ray (unlimited `max_restarts`, but no task retries: Ray would re-run the call on an engine that
+holds the initial weights). The pool waits for the restart, pushes the current weights, and
+re-issues the same work; the per-request seeds make the retried samples the same ones.
+Generation, evaluation and the weight sync all go through here, so they recover the same way.
+A worker that fails more than MAX_FAILURES times within FAILURE_WINDOW_S, or that Ray can no
+longer restart, stops the run at once with a message.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from .batch import PromptBatch, split_prompts
 from .weight_sync import ObjectStoreSync
 
 RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
-MAX_RETRIES = 3
+MAX_RETRIES = 3  # of one request or scoring call
+MAX_FAILURES, FAILURE_WINDOW_S = 3, 600.0  # of one worker: a budget per window, not per run
 REVIVE_TIMEOUT_S = 600
 
 
@@ -40,12 +43,23 @@ def kill_leftovers(processes: list[tuple[str, int, float]]) -> None:
             pass
 
 
+def actor_state(actor) -> str:
+    """ALIVE, RESTARTING, DEAD, ... as Ray's control store has it (no dashboard needed)."""
+    from ray._private import state
+
+    try:
+        return state.actors(actor_id=actor._actor_id.hex()).get("State", "UNKNOWN")
+    except Exception:
+        return "UNKNOWN"
+
+
 class RolloutPool:
     def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: ObjectStoreSync):
         """`weights` moves the learner's weights into the engines, and into a restarted one
         before it takes work again."""
         self.group, self.event, self.weights = group, event, weights
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
+        self.failures: list[list[float]] = [[] for _ in range(group.n)]  # times each worker failed
         weights.setup(self.actors)
 
     @property
@@ -105,16 +119,27 @@ class RolloutPool:
 
     def revive(self, i: int) -> None:
         """Wait until Ray has restarted worker i, then load the current weights into it."""
+        now = time.time()
+        self.failures[i] = [t for t in self.failures[i] if now - t < FAILURE_WINDOW_S] + [now]
+        if len(self.failures[i]) > MAX_FAILURES:
+            raise TrainingError(f"rollout worker {i} failed {len(self.failures[i])} times within "
+                                f"{FAILURE_WINDOW_S / 60:.0f} minutes; stopping (its log is in the Ray session's "
+                                f"logs directory)")
         actor = self.actors[i]
-        deadline = time.time() + REVIVE_TIMEOUT_S
+        deadline = now + REVIVE_TIMEOUT_S
         while True:
             try:
-                self.engine_pids += ray.get(actor.child_pids.remote(), timeout=60)
+                self.engine_pids += ray.get(actor.child_pids.remote(), timeout=10)
                 break
             except (*RESTARTABLE, ray.exceptions.GetTimeoutError):
+                state = actor_state(actor)
+                if state == "DEAD":
+                    raise TrainingError(f"rollout worker {i} died and Ray could not restart it (its constructor "
+                                        f"failed: see the Ray session's logs)") from None
                 if time.time() > deadline:
-                    raise TrainingError(f"rollout worker {i} did not come back within {REVIVE_TIMEOUT_S} s") from None
-                time.sleep(2)
+                    raise TrainingError(f"rollout worker {i} did not come back within {REVIVE_TIMEOUT_S} s "
+                                        f"(state {state})") from None
+                time.sleep(1)
         self.weights.rejoin(actor)
 
     def shutdown(self) -> None:

@@ -32,6 +32,18 @@ PROCESS_START = psutil.Process().create_time()
 RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob difference| on a fixed sequence
 
 
+def check_resume(cfg: Config, found: tuple[int, str] | None) -> None:
+    """Overrides a checkpoint cannot be resumed under: UsageError (exit 2) before anything starts."""
+    if found is None:
+        return
+    state = checkpoint.load_trainer_state(found[1])
+    for key, saved, now in (("learner.world_size", state.get("learner_world_size"), cfg.learner.world_size),
+                            ("learner.zero_stage", state.get("zero_stage"), cfg.learner.zero_stage)):
+        if saved is not None and saved != now:
+            raise UsageError(f"{key}={now}: the checkpoint {found[1]} was written with {key}={saved}, and resuming "
+                             f"with a different value is not supported yet; resume without this override")
+
+
 class Trainer:
     def __init__(self, cfg: Config, inputs: Inputs | None = None):
         self.cfg = cfg
@@ -40,6 +52,10 @@ class Trainer:
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and cfg.run.resume == "never":
             raise UsageError(f"run.output_dir: {run_dir} already holds a run; choose another output_dir "
                              f"or continue it with `rayskd resume {run_dir}`")
+        self.resume_from, self.damaged = None, []
+        if cfg.run.resume == "auto":
+            self.resume_from, self.damaged = checkpoint.newest_intact(run_dir)
+            check_resume(cfg, self.resume_from)
         from .data.dataset import PromptSampler
 
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
@@ -48,6 +64,10 @@ class Trainer:
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = None
         self.stop_requested = False  # set by SIGTERM: checkpoint after the current step and exit
+        # during the learners' update a checkpoint could catch them half-way; after it, the
+        # step's record waits in `unlogged` until it is logged
+        self.updating, self.unlogged = False, None
+        self.checkpointed_step = -1
         self._started_ray = False
 
     # ---- set-up ----
@@ -56,8 +76,8 @@ class Trainer:
         cfg = self.cfg
         run_dir = cfg.run.output_dir
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+        if cfg.run.resume != "auto":  # a resume writes it once it has worked
+            self._write_config()
         self.log = MetricsLog(run_dir, cfg.run.steps)
         self._init_ray()
         self.handle_sigterm()  # after ray.init, which installs handlers of its own
@@ -73,7 +93,7 @@ class Trainer:
             "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
             lambda i, pg: dict(model_path=cfg.student.path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
                                max_model_len=inputs.max_model_len, extra_path=extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
-            max_restarts=MAX_RETRIES, task_retries=0)
+            max_restarts=-1, task_retries=0)  # restarts budgeted per window by RolloutPool
         # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
@@ -90,6 +110,10 @@ class Trainer:
                                         cfg.algorithm.max_staleness, cfg.run.steps, self.log.event)
         if cfg.run.resume == "auto":
             self.restore()
+
+    def _write_config(self) -> None:
+        with open(os.path.join(self.cfg.run.output_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(self.cfg))
 
     def handle_sigterm(self) -> None:
         """SIGTERM (`ray job stop`, a scheduler) asks for a checkpoint after the current step
@@ -128,6 +152,7 @@ class Trainer:
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
         t0_train = time.perf_counter()
+        self.updating = True
         updates = self.learner.call_each("train_step", self._shares(batch, coef))
         self.pipeline.wait(updates)
         metrics = StepMetrics.merge(ray.get(updates))
@@ -135,9 +160,10 @@ class Trainer:
         staleness = batch.staleness(self.weights_version)
         self.step_num += 1
         self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
-        t["sync_s"] = self.sync_weights()
         record = {"step": self.step_num, **batch_stats(batch.summaries), **metrics.record(cfg.algorithm),
                   "kd_coef": coef, "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness)}
+        self.unlogged, self.updating = record, False  # the update is done: its record goes out on any stop
+        t["sync_s"] = self.sync_weights()
         step_s = time.perf_counter() - t0
         record.update(tokens_per_s=record["response_tokens"] / step_s, **t, step_s=step_s,
                       skipped_long_prompts=self.inputs.train.skipped_too_long, weights_version=self.weights_version)
@@ -189,34 +215,60 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step_num, "weights_version": self.weights_version, "rehearsal_pos": self.rehearsal_pos,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sampler": self.sampler.state_dict(),
-                "learner_world_size": self.cfg.learner.world_size}
+                "learner_world_size": self.cfg.learner.world_size, "zero_stage": self.cfg.learner.zero_stage}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num, self.weights_version = state["step"], state["weights_version"]
         self.rehearsal_pos, self.nonfinite_in_a_row = state["rehearsal_pos"], state["nonfinite_in_a_row"]
         self.sampler.load_state_dict(state["sampler"])
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, wait: bool = True) -> str:
         """Learners write their parts into a staging directory; the driver adds its state and
-        commits atomically (see checkpoint.py). Old checkpoints go only after that."""
+        commits atomically (see checkpoint.py). Old checkpoints go only after that. `wait`:
+        see RolloutPipeline.save."""
         cfg = self.cfg
         staging = checkpoint.staging_dir(cfg.run.output_dir, self.step_num)
         ray.get(self.learner.call("save_state", staging, cfg.student.path))
-        self.pipeline.save(staging)
+        self.pipeline.save(staging, wait=wait)
         path = checkpoint.commit(cfg.run.output_dir, self.step_num, self.state_dict(), cfg.run.keep_checkpoints)
+        self.checkpointed_step = self.step_num
         self.log.event(f"checkpoint: {path}")
         return path
 
+    def checkpoint_on_stop(self, why: str) -> None:
+        """A stop the driver survives (an error, Ctrl-C): checkpoint the last completed step
+        first, unless there is one already or the stop came in the middle of an update."""
+        if self.pipeline is None or self.step_num == self.checkpointed_step or self.step_num == 0:
+            return
+        if self.updating:
+            self.log.event(f"{why}: no checkpoint of step {self.step_num + 1} (the stop came during its update); "
+                           f"the newest checkpoint is the one to resume from")
+            return
+        if self.unlogged is not None:  # the update is done; the stop came in the weight sync or evaluation
+            self.log.log(self.unlogged)
+            self.unlogged = None
+        try:
+            self.save_checkpoint(wait=False)
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            self.log.event(f"{why}: could not checkpoint step {self.step_num} ({type(cause).__name__}: {cause})")
+
     def restore(self) -> bool:
-        """Continue from the newest complete checkpoint: learner state, driver state, metrics
-        truncated to it, and the restored weights pushed to every rollout engine (checked)."""
-        found = checkpoint.latest(self.cfg.run.output_dir)
+        """Continue from the newest intact checkpoint (found and checked before the actors
+        started): learner state, driver state, metrics truncated to it, and the restored weights
+        pushed to every rollout engine (checked). The run's config.yaml is rewritten (with the
+        resume's overrides) only once this has worked."""
+        for path, problem in self.damaged:
+            self.log.event(f"checkpoint {path} is damaged ({problem}); passing over it")
+        found = self.resume_from
         if found is None:
             self.log.truncate_after(0)
-            self.log.event("no complete checkpoint: starting from the beginning")
+            self.log.event("no intact checkpoint: starting from the beginning")
+            self._write_config()
             return False
         step, path = found
         ray.get(self.learner.call("load_state", path))
+        self.checkpointed_step = step
         self.load_state_dict(checkpoint.load_trainer_state(path))
         self.log.truncate_after(step)
         self.sync_weights(version=self.weights_version)  # the restored weights keep their version
@@ -230,6 +282,7 @@ class Trainer:
                                 f"(max |log-prob difference| {worst:.2e})")
         self.log.event(f"resumed from {path} (step {step}); engines serve the restored weights "
                        f"(max |log-prob difference| {worst:.1e})")
+        self._write_config()
         return True
 
     # ---- evaluation and the loop ----
@@ -256,6 +309,7 @@ class Trainer:
             if (due or self.step_num == cfg.run.steps) and self.inputs.eval is not None:
                 record["eval_accuracy"] = self.evaluate()
             self.log.log(record)
+            self.unlogged = None
             every = cfg.run.checkpoint_every
             if (every and self.step_num % every == 0) or self.step_num == cfg.run.steps or self.stop_requested:
                 self.save_checkpoint()

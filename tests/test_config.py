@@ -88,6 +88,18 @@ def test_cli_print_config_and_exit_status_2():
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
+def test_yaml_error_keeps_line_and_column_and_an_unreachable_cluster_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  steps: 3\n  seed: [1\n")
+    r = run_cli("print-config", str(bad))
+    assert r.returncode == 2 and "line 4, column 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for command in (["status", "raysubmit_x"], ["logs", "raysubmit_x"], ["stop", "raysubmit_x"],
+                    ["submit", DEMO]):
+        r = run_cli(*command, "--address", "http://127.0.0.1:9")
+        assert r.returncode == 2 and "cannot reach the Ray cluster" in r.stderr, (command, r.stderr[-2000:])
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 @pytest.mark.parametrize("override,why", [
     ("rollout.top_p=0.9", "whole vocabulary"),
     ("rollout.top_k=20", "whole vocabulary"),
