@@ -5,14 +5,12 @@ at once with a message; a damaged newest checkpoint is passed over; a resume wit
 learner count is refused before anything starts and leaves the run's config alone."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from test_failures import kill_actor, wait_for_steps
+from test_failures import kill_actor, training, wait_for_steps
 from test_system import FAST, demo_paths, metrics, rayskd
 
 pytestmark = pytest.mark.slow
@@ -47,11 +45,6 @@ def rewards_dir(tmp_path):
     return d
 
 
-def popen(args, cwd=None):
-    return subprocess.Popen([sys.executable, "-m", "rayskd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=cwd)
-
-
 def test_bad_reward_values_and_a_memory_hog_are_counted_samples(demo_assets, tmp_path, rewards_dir,
                                                                 no_leftover_engines):
     assets, _ = demo_assets
@@ -80,15 +73,10 @@ def test_ctrl_c_checkpoints_the_last_completed_step(demo_assets, tmp_path, no_le
     from rayskd import checkpoint
 
     run = tmp_path / "run"
-    proc = popen(["train", os.path.abspath("configs/demo.yaml"), "run.steps=40", f"run.output_dir={run}",
-                  "learner.world_size=1", *FAST])
-    try:
+    with training("run.steps=40", f"run.output_dir={run}", "learner.world_size=1", *FAST) as proc:
         wait_for_steps(run, 2, proc)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
         out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
     assert f"rayskd resume {run}" in err
     step, _ = checkpoint.latest(str(run))
@@ -103,9 +91,7 @@ def test_the_fourth_crash_in_the_window_stops_at_once_and_keeps_the_steps(demo_a
     from rayskd import checkpoint
 
     run = tmp_path / "run"
-    proc = popen(["train", os.path.abspath("configs/demo.yaml"), "run.steps=60", f"run.output_dir={run}",
-                  "learner.world_size=1", *FAST])
-    try:
+    with training("run.steps=60", f"run.output_dir={run}", "learner.world_size=1", *FAST) as proc:
         for crash in range(4):
             wait_for_steps(run, crash + 1, proc)
             t_kill, victim = time.time(), kill_actor("RolloutEngine")
@@ -116,9 +102,6 @@ def test_the_fourth_crash_in_the_window_stops_at_once_and_keeps_the_steps(demo_a
                     time.sleep(0.5)
         out, err = proc.communicate(timeout=300)
         stopped_after = time.time() - t_kill
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert "rollout worker 0 failed 4 times within 10 minutes" in err
     assert stopped_after < 120  # at once, not after 600 s of silence
