@@ -197,10 +197,13 @@ def test_presample_then_train_with_rehearsal(demo_assets, tmp_path, no_leftover_
     assert steps[1]["rehearsal_loss"] > 0
 
 
-def test_reward_that_returns_a_non_float_stops_the_run_naming_it(demo_assets, tmp_path, no_leftover_engines):
+def test_reward_that_always_returns_a_non_number_is_refused_before_the_run_naming_it(demo_assets, tmp_path):
+    """Issue 11.1: one bad value is a counted sample (tests/test_reliability.py); a function
+    that returns no number on any probe row is exit 2 before anything starts."""
     (tmp_path / "bad_reward.py").write_text("def score(prompt, completion, answer):\n    return None\n")
     r = rayskd("train", os.path.abspath("configs/demo.yaml"), "run.steps=2", f"run.output_dir={tmp_path / 'run'}",
                "reward.function=bad_reward:score", "learner.world_size=1", *demo_paths(demo_assets[0]), *FAST,
                cwd=tmp_path)
-    assert r.returncode == 1
-    assert "bad_reward:score" in r.stderr and "finite float" in r.stderr
+    assert r.returncode == 2
+    assert "bad_reward:score" in r.stderr and "returned None" in r.stderr and "not a finite number" in r.stderr
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
