@@ -37,6 +37,19 @@ def always_nan(prompt, completion, answer):
 '''
 
 
+def nothing_lost(run, at_least: int, log: str) -> None:
+    """The stopped run's newest checkpoint is its last logged step (>= at_least), and a resume
+    continues from it with one more step and no gap."""
+    from rayskd import checkpoint
+
+    assert checkpoint.latest(str(run)) is not None, log[-3000:]
+    step, _ = checkpoint.latest(str(run))
+    assert step == len(metrics(run)) >= at_least  # nothing trained is lost
+    r = rayskd("resume", str(run), f"run.steps={step + 1}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in metrics(run)] == list(range(1, step + 2))
+
+
 @pytest.fixture
 def rewards_dir(tmp_path):
     d = tmp_path / "rewards"
@@ -70,8 +83,6 @@ def test_an_always_failing_reward_is_refused_before_anything_starts(demo_assets,
 
 
 def test_ctrl_c_checkpoints_the_last_completed_step(demo_assets, tmp_path, no_leftover_engines):
-    from rayskd import checkpoint
-
     run = tmp_path / "run"
     with training("run.steps=40", f"run.output_dir={run}", "learner.world_size=1", *FAST) as proc:
         wait_for_steps(run, 2, proc)
@@ -79,17 +90,11 @@ def test_ctrl_c_checkpoints_the_last_completed_step(demo_assets, tmp_path, no_le
         out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
     assert f"rayskd resume {run}" in err
-    step, _ = checkpoint.latest(str(run))
-    assert step == len(metrics(run)) >= 2  # nothing trained is lost
-    r = rayskd("resume", str(run), f"run.steps={step + 1}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in metrics(run)] == list(range(1, step + 2))
+    nothing_lost(run, at_least=2, log=out)
 
 
 def test_the_fourth_crash_in_the_window_stops_at_once_and_keeps_the_steps(demo_assets, tmp_path,
                                                                           no_leftover_engines):
-    from rayskd import checkpoint
-
     run = tmp_path / "run"
     with training("run.steps=60", f"run.output_dir={run}", "learner.world_size=1", *FAST) as proc:
         for crash in range(4):
@@ -105,12 +110,7 @@ def test_the_fourth_crash_in_the_window_stops_at_once_and_keeps_the_steps(demo_a
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert "rollout worker 0 failed 4 times within 10 minutes" in err
     assert stopped_after < 120  # at once, not after 600 s of silence
-    assert checkpoint.latest(str(run)) is not None, out[-3000:]
-    step, _ = checkpoint.latest(str(run))
-    assert step == len(metrics(run)) >= 4  # the steps done are kept
-    r = rayskd("resume", str(run), f"run.steps={step + 1}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in metrics(run)] == list(range(1, step + 2))
+    nothing_lost(run, at_least=4, log=out)
 
 
 def test_damaged_newest_checkpoint_and_a_resume_on_another_learner_count(demo_assets, tmp_path,

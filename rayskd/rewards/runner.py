@@ -117,6 +117,7 @@ class RewardRunner:
         self.max_memory_mb = max_memory_mb
         self.label = function or name
         self.logged = 0
+        self.first_failure: str | None = None  # what the first failed sample of the last `score` call hit
         self._proc = None
         self._start()
 
@@ -140,6 +141,9 @@ class RewardRunner:
             raise RewardError(msg)
 
     def _note(self, what: str, item) -> None:
+        """A sample scored 0 for `what`: remembered (the first of a `score` call) and logged."""
+        if self.first_failure is None:
+            self.first_failure = what
         if self.logged < MAX_LOGGED:
             self.logged += 1
             log.warning("reward %s scored a sample 0 (%s); completion %r", self.label, what, item[1][:80])
@@ -147,6 +151,7 @@ class RewardRunner:
     def score(self, items: list[tuple[str, str, str]]) -> tuple[list[float], dict]:
         stats = {"reward_errors": 0, "reward_timeouts": 0}
         rewards: list[float] = []
+        self.first_failure = None
         while len(rewards) < len(items):
             rest = items[len(rewards):]
             try:
@@ -181,16 +186,7 @@ class RewardRunner:
         self.logged = logged
         if items and stats["reward_errors"] + stats["reward_timeouts"] == len(items):
             raise RewardError(f"reward {self.label} failed on all {len(items)} training rows it was tried on "
-                              f"(completion = the reference answer): {self._first_failure(items[0])}")
-
-    def _first_failure(self, item) -> str:
-        """What went wrong on `item`, in words."""
-        self._conn.send(([item], self.timeout_s))
-        result = self._conn.recv() if self._conn.poll(self.timeout_s + MARGIN_S) else None
-        if result is None:
-            self._restart()
-            return "the reward process died or hung"
-        return f"timed out after {self.timeout_s}s" if result[0] == "timeout" else str(result[1])
+                              f"(completion = the reference answer): {self.first_failure}")
 
     def _restart(self):
         self.close()
