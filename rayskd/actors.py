@@ -83,7 +83,7 @@ class ActorGroup:
 
 def _node_address() -> tuple[str, int]:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((ray.util.get_node_ip_address(), 0))
         port = s.getsockname()[1]
     return ray.util.get_node_ip_address(), port
 

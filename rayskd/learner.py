@@ -103,6 +103,28 @@ class LearnerSpec:
                    samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer_len=tokenizer_len, seed=cfg.run.seed)
 
 
+def init_process_group(backend: str, addr: str, port: int, rank: int, world_size: int,
+                       timeout_s: float = 1800.0) -> None:
+    """torch.distributed over a rendezvous store that listens on `addr` only (the node's
+    address the learners reach each other on). torch's env:// store binds every interface,
+    with no credentials, so rank 0 binds the socket itself and hands it to the store."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    listen_fd = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(max(128, world_size))
+        listen_fd = sock.detach()
+    store = dist.TCPStore(addr, port, world_size, rank == 0, timeout, master_listen_fd=listen_fd)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 class Learner:
     def __init__(self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int):
         cfg, algo = spec.cfg, spec.algo
@@ -115,7 +137,9 @@ class Learner:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", auto_mpi_discovery=False)
+        backend = "nccl" if self.gpu else "gloo"
+        init_process_group(backend, master_addr, master_port, rank, world_size)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
         torch.manual_seed(spec.seed)
         model = load_causal_lm(spec.model_path, torch.float32, self.device)
         self.vocab_size = vocab_limit(spec.tokenizer_len, model)

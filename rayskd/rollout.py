@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 
 import torch
 
@@ -36,6 +37,26 @@ def engine_alive():
         logging.getLogger(__name__).error("rayskd: the vLLM engine died; exiting so that Ray restarts this "
                                           "rollout worker")
         os._exit(1)
+
+
+def watch_engine_core(llm, closing: threading.Event, every_s: float = 0.5) -> None:
+    """Where vLLM runs its engine core in a process of its own (the GPU default), a killed
+    core leaves a call already waiting on it blocked for ever (vLLM 0.32 marks the engine dead
+    but never wakes the waiting caller). A daemon thread checks vLLM's own flag and exits the
+    actor, as engine_alive() does for a call that sees the death itself; `closing` is set
+    before an intended shutdown."""
+    resources = getattr(llm.llm_engine.engine_core, "resources", None)
+    if resources is None:  # the engine core runs in this process: nothing to watch
+        return
+
+    def watch():
+        while not closing.wait(every_s):
+            if resources.engine_dead and not closing.is_set():
+                logging.getLogger(__name__).error("rayskd: the vLLM engine core process died; exiting so that "
+                                                  "Ray restarts this rollout worker")
+                os._exit(1)
+
+    threading.Thread(target=watch, name="rayskd-engine-watch", daemon=True).start()
 
 
 def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
@@ -71,6 +92,8 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
             enable_prefix_caching=False, distributed_executor_backend=None if gpu else "uni",
         )
+        self.closing = threading.Event()
+        watch_engine_core(self.llm, self.closing)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
         # LM-head rows past the tokenizer are padding: the learner normalises over the
@@ -163,6 +186,8 @@ class RolloutEngine:
         return [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def shutdown(self) -> None:
+        if getattr(self, "closing", None) is not None:
+            self.closing.set()
         if getattr(self, "rewards", None) is not None:
             self.rewards.close()
             self.rewards = None

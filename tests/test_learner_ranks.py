@@ -2,7 +2,8 @@
 several micro-batches each make the same update as one rank on the whole batch, with the
 KD mask and its normaliser in play (issue 8.10: the normalisation used to be checked by
 simulation only). Each rank receives only its share of the batch; the batch-level normalisers
-come from the requests' summaries."""
+come from the requests' summaries. The ranks' rendezvous store listens on the node's address
+only."""
 from dataclasses import fields
 
 import pytest
@@ -53,11 +54,41 @@ def one_update(assets, world_size: int, shard, scores, tokenizer_len: int, *over
               for r in range(world_size)]
     group = start_learners(cfg, tokenizer_len)
     try:
+        if world_size > 1:
+            only_ray_listens_on_every_interface(group)
         metrics = StepMetrics.merge(ray.get(group.call_each("train_step", shares)))
         weights = ray.get(group.actors[0].full_state_dict.remote())
     finally:
         group.kill()
     return weights, vars(metrics), metrics.grad_norm
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections() if c.status == "LISTEN"}
+
+
+def only_ray_listens_on_every_interface(group) -> None:
+    """Issue 11.9: rank 0's rendezvous store listens on the node's address only; what still
+    listens on every interface is what any Ray worker has (Ray's own, token-authenticated)."""
+    @ray.remote(num_cpus=0)
+    class Plain:
+        def pid(self):
+            import os
+            return os.getpid()
+
+    plain = Plain.remote()
+    wildcard = {"0.0.0.0", "::"}
+    ray_own = len([a for a in listening(ray.get(plain.pid.remote())) if a[0] in wildcard])
+    ray.kill(plain)
+    node = ray.util.get_node_ip_address()
+    for rank, pid in enumerate(ray.get([a.__ray_call__.remote(lambda self: __import__("os").getpid())
+                                        for a in group.actors])):
+        addresses = listening(pid)
+        assert len([a for a in addresses if a[0] in wildcard]) == ray_own, addresses
+        if rank == 0:
+            assert any(ip == node for ip, _ in addresses), addresses
 
 
 def halve(x, i):

@@ -1,7 +1,8 @@
 """Issue 11, end to end with real processes: bad reward values and a memory-hogging reward are
 counted samples, not a lost run; an always-failing reward is refused before anything starts;
-Ctrl-C and an error stop checkpoint the last completed step first; the fourth crash of a rollout worker within the window stops the run
-at once with a message; a damaged newest checkpoint is passed over; a resume with another
+Ctrl-C and an error stop checkpoint the last completed step first; a killed vLLM engine core
+is a dead rollout worker (restarted, retried); the fourth crash of a rollout worker within the
+window stops the run at once with a message; a damaged newest checkpoint is passed over; a resume with another
 learner count is refused before anything starts and leaves the run's config alone."""
 import os
 import signal
@@ -91,6 +92,28 @@ def test_ctrl_c_checkpoints_the_last_completed_step(demo_assets, tmp_path, no_le
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
     assert f"rayskd resume {run}" in err
     nothing_lost(run, at_least=2, log=out)
+
+
+def test_a_killed_engine_core_is_restarted_like_a_dead_worker(demo_assets, tmp_path, no_leftover_engines):
+    """vLLM's engine core in a process of its own, as on a GPU: SIGKILL it mid-run; the worker
+    exits, Ray restarts it, it gets the current weights and the same prompts again."""
+    run = tmp_path / "run"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # inherited by the run and its Ray workers
+    try:
+        with training("run.steps=4", f"run.output_dir={run}", "learner.world_size=1", *FAST) as proc:
+            wait_for_steps(run, 2, proc)
+            cores = [p for p in psutil.process_iter(["name", "cmdline"])
+                     if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+            assert cores, "no engine core process: VLLM_ENABLE_V1_MULTIPROCESSING did not reach the worker"
+            cores[0].send_signal(signal.SIGKILL)
+            out, err = proc.communicate(timeout=600)
+    finally:
+        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert "rollout worker 0 failed" in out
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert all(m["weights_version_sampled"] == m["step"] - 1 for m in rows)
 
 
 def test_the_fourth_crash_in_the_window_stops_at_once_and_keeps_the_steps(demo_assets, tmp_path,

@@ -1,6 +1,6 @@
 """The reward process (issue 11.1, 11.5, 11.8): raising, hanging, memory-hogging and crashing
 samples and bad return values score 0 and are counted while the rest of the batch is scored;
-bools and numeric types are numbers; the process cannot see Ray's variables; a function that
+bools and numeric types are numbers; the process cannot see Ray's variables or join the cluster; a function that
 fails on every probe row is refused before training."""
 import time
 
@@ -32,6 +32,10 @@ def hog(prompt, completion, answer):
     return 1.0
 def env(prompt, completion, answer):
     return float(any(k.startswith("RAY_") for k in os.environ)) + 10 * float(os.getcwd() == answer)
+def join(prompt, completion, answer):
+    import ray
+    ray.init(address="auto", log_to_driver=False)
+    return float(len(ray.nodes()))
 def always_wrong(prompt, completion, answer):
     return float("nan")
 '''
@@ -109,6 +113,22 @@ def test_the_reward_process_has_no_ray_variables_and_its_own_directory(user_modu
         assert r.score([("p", "c", os.getcwd())])[0] == [0.0]
     finally:
         r.close()
+
+
+def test_the_reward_process_cannot_join_the_training_cluster(user_module):
+    """A local cluster as `rayskd train` starts one (token auth, Ray's default): the reward
+    process finds its address by itself, but has no token to join with."""
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False)
+    r = RewardRunner("exact_match", "user_rewards:join", 60.0, (user_module,))
+    try:
+        rewards, stats = r.score([("p", "c", "a")])
+        assert rewards == [0.0] and stats["reward_errors"] == 1
+        assert "Failed to connect to Ray cluster" in r.first_failure, r.first_failure  # (with ~/.ray it joins)
+    finally:
+        r.close()
+        ray.shutdown()
 
 
 def test_a_function_failing_on_every_probe_row_is_refused(user_module):

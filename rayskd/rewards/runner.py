@@ -6,9 +6,11 @@ scores 0 for that sample and is counted (`reward_errors`, `reward_timeouts`); af
 or hang the process is restarted and the rest of the batch is scored. Bools and numeric
 types (int, numpy and torch scalars) count as numbers.
 
-The process is confined: no Ray or CUDA variables in its environment (it cannot find the
-training cluster's address there), its own empty working directory, a cap on its data
-memory, and a lower CPU priority than training.
+The process is confined: no Ray or CUDA variables in its environment, its own empty working
+and home directory (so no Ray token: it cannot join the training cluster, which uses token
+auth), a cap on its data memory, and a lower CPU priority than training. It runs as the same
+user, so this keeps out mistakes (a library calling ray.init()), not a hostile function: run
+untrusted reward code in a container.
 """
 from __future__ import annotations
 
@@ -58,7 +60,15 @@ def _confine(max_memory_mb: int) -> None:
     for key in list(os.environ):
         if key.startswith(SCRUBBED_PREFIXES):
             del os.environ[key]
-    os.chdir(tempfile.mkdtemp(prefix="rayskd-reward-"))
+    home = os.path.expanduser("~")
+    os.environ.setdefault("XDG_CACHE_HOME", os.path.join(home, ".cache"))  # downloaded models stay found
+    os.environ.setdefault("HF_HOME", os.path.join(os.environ["XDG_CACHE_HOME"], "huggingface"))
+    sandbox = tempfile.mkdtemp(prefix="rayskd-reward-")
+    # Ray finds a local cluster's address by itself (its processes), but without the token in
+    # ~/.ray/auth_token it cannot join a cluster that uses token auth (a local ray.init()
+    # cluster does by default): a HOME of its own leaves a stray ray.init() outside
+    os.environ["HOME"] = sandbox
+    os.chdir(sandbox)
     if max_memory_mb > 0:
         import resource
 
