@@ -22,6 +22,46 @@ class TrainingError(RuntimeError):
     """A run cannot go on (workers that keep failing, non-finite updates, a sync timeout)."""
 
 
+LOG_FILE_VAR = "RAYSKD_LOG_FILE"
+
+
+def log_to_file() -> None:
+    """Called first in each actor's constructor: when the actor group set a log file, point
+    this process's stdout and stderr (file descriptors 1 and 2, so C++ and child processes
+    too) at it, appended. What repeats per step (vLLM, DeepSpeed, Ray) stays off the console."""
+    import sys
+
+    path = os.environ.get(LOG_FILE_VAR)
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def describe_failure(e: BaseException, tail: int = 8) -> str:
+    """A failure as the console shows it: the actor and method that raised, what it raised,
+    and the last lines of its traceback (Ray's own wrapping left out)."""
+    import re
+
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = getattr(e, "cause", None) or e
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the first line
+        first, *rest = [line for line in text.splitlines() if line.strip() and set(line.strip()) != {"^"}]
+        where = re.match(r"(?:ray::)?(\S+)(?: \(pid=(\d+))?", first)
+        name = where.group(1) if where else first
+        pid = f" (pid {where.group(2)})" if where and where.group(2) else ""
+        return (f"{name}{pid} raised {type(cause).__name__}: {cause}\n"
+                + "\n".join("    " + line for line in rest[-tail:]))
+    if isinstance(e, ray.exceptions.RayActorError):
+        return " ".join(str(e).split("\n")[:3])
+    return f"{type(e).__name__}: {e}"
+
+
 def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> dict:
     b = {"CPU": num_cpus, **(resources or {})}
     if num_gpus > 0:
@@ -32,10 +72,11 @@ def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> d
 class ActorGroup:
     def __init__(self, name: str, cls, n: int, num_cpus: float, num_gpus: float, args_for, *,
                  resources: dict | None = None, env_vars: dict | None = None, max_restarts: int = 0,
-                 task_retries: int = 0, ready_timeout_s: float = 600.0):
+                 task_retries: int = 0, ready_timeout_s: float = 600.0, log_dir: str | None = None):
         """`args_for(i, pg)` returns the keyword arguments of actor i's constructor (pg: this
-        group's placement group, ready)."""
-        self.name, self.n = name, n
+        group's placement group, ready). With `log_dir`, actor i's output (its own, vLLM's,
+        DeepSpeed's, its child processes') goes to LOG_DIR/NAME_i.log (see log_to_file)."""
+        self.name, self.n, self.log_dir = name, n, log_dir
         self.pg = placement_group([bundle(num_cpus, num_gpus, resources)] * n, strategy="PACK",
                                   name=f"rayskd-{name}-{os.getpid()}")
         ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
@@ -51,10 +92,20 @@ class ActorGroup:
                 num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_restarts=max_restarts,
                 max_task_retries=task_retries, name=f"rayskd-{name}-{i}-{os.getpid()}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env_vars} if env_vars else None,
+                runtime_env=self._runtime_env(env_vars, log_dir, i),
             ).remote(**args_for(i, self.pg))
             for i in range(n)
         ]
+
+    def log_file(self, i: int) -> str:
+        """Where actor i's output is, for messages."""
+        return os.path.join(self.log_dir, f"{self.name}_{i}.log") if self.log_dir else "the Ray session's logs"
+
+    def _runtime_env(self, env_vars: dict | None, log_dir: str | None, i: int) -> dict | None:
+        env = dict(env_vars or {})
+        if log_dir:
+            env[LOG_FILE_VAR] = self.log_file(i)
+        return {"env_vars": env} if env else None
 
     def nodes(self) -> list[str]:
         """The Ray node id each actor's bundle was placed on."""
@@ -81,6 +132,27 @@ class ActorGroup:
             pass
 
 
+def init_ray(actors: int) -> bool:
+    """Join the cluster at RAY_ADDRESS, or start a local one with a CPU per actor at least.
+    True when this process started Ray (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    # the actors' output goes to their log files (log_to_file), not the driver's console
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return False
+    ray.init(num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def actor_env(cfg) -> dict:
+    """Environment variables of every actor of a run (`cfg`: a rayskd Config)."""
+    return {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gb),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            # vLLM's INFO lines drown the progress; set VLLM_LOGGING_LEVEL=INFO to see them
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+
+
 def _node_address() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind((ray.util.get_node_ip_address(), 0))
@@ -95,7 +167,7 @@ def rendezvous_address(pg, bundle_index: int = 0) -> tuple[str, int]:
     return ray.get(fn.remote())
 
 
-def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None) -> ActorGroup:
+def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None, log_dir: str | None = None) -> ActorGroup:
     """The learner ranks of `cfg` (a rayskd Config) as one group, in two explicit steps: place
     the group and take the rendezvous address on rank 0's node, then start every rank on it."""
     from .learner import Learner, LearnerSpec
@@ -108,4 +180,4 @@ def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None) -> Act
         return dict(spec=spec, rank=rank, world_size=cfg.learner.world_size, **master)
 
     return ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker, learner_kwargs,
-                      resources=dict(cfg.learner.resources), env_vars=env_vars)
+                      resources=dict(cfg.learner.resources), env_vars=env_vars, log_dir=log_dir)

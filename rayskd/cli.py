@@ -1,5 +1,5 @@
-"""rayskd command line: print-config, prepare-demo (and, as they land, train / presample /
-resume / submit). Bad input exits with status 2 and a one-line message."""
+"""rayskd command line: train, resume, eval, report, submit / status / logs / stop, presample,
+print-config, prepare-demo. Bad input exits with status 2 and a one-line message."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,9 @@ def _run(cfg) -> int:
     """Train; any stop the driver survives checkpoints the last completed step first. Exit 0
     when the run finished, 3 when it stopped on request (SIGTERM, `rayskd stop`), 1 on an
     error, 130 on Ctrl-C: everything but 0 can be continued with `rayskd resume`."""
+    import os
+
+    from .actors import describe_failure
     from .trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg)  # checks every input before anything starts
@@ -52,11 +55,11 @@ def _run(cfg) -> int:
         trainer.checkpoint_on_stop("interrupted")
         print(f"rayskd: interrupted; {resume}", file=sys.stderr)
         return INTERRUPTED
-    except Exception as e:  # an actor raised: say what, not where in Ray it surfaced
-        cause = e if isinstance(e, TrainingError) else (getattr(e, "cause", None) or e)
-        what = str(cause) if isinstance(cause, TrainingError) else f"{type(cause).__name__}: {cause}"
+    except Exception as e:  # an actor raised: which one, what, and the end of its traceback
+        what = str(e) if isinstance(e, TrainingError) else describe_failure(e)
         trainer.checkpoint_on_stop("training stopped")
         print(f"rayskd: training stopped: {what}", file=sys.stderr)
+        print(f"rayskd: the actors' logs are in {os.path.join(cfg.run.output_dir, 'logs')}", file=sys.stderr)
         print(f"rayskd: {resume}", file=sys.stderr)
         return FAILED
     finally:
@@ -111,6 +114,40 @@ def cmd_job(args) -> int:
     return 0
 
 
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers such as 1,4,8, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k: every k must be >= 1, got {text!r}")
+    return ks
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluation import format_eval, run_eval
+
+    if args.samples < max(args.k):
+        raise UsageError(f"--samples {args.samples}: pass@{max(args.k)} needs at least {max(args.k)} samples per problem")
+    result = run_eval(args.target, args.data, args.k, args.samples, args.overrides,
+                      log=lambda m: print(f"[rayskd] {m}", file=sys.stderr, flush=True))
+    print(f"{format_eval(result)} | {result['problems']} problems, {result['samples_per_problem']} samples each, "
+          f"{result['eval_s']:.1f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    print(make_report(args.run_dirs, args.out))
+    return 0
+
+
 def cmd_presample(args) -> int:
     from .presample import presample
 
@@ -152,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value, e.g. run.steps=200 to train longer")
     s.set_defaults(fn=cmd_resume)
 
+    s = sub.add_parser("eval", help="held-out greedy accuracy, pass@1 and pass@k of a model or a run's newest "
+                                    "checkpoint, on vLLM engines")
+    s.add_argument("target", help="a Hugging Face model directory or a run directory")
+    s.add_argument("--data", help="JSONL of prompts and answers (default: the run's data.eval_path)")
+    s.add_argument("--k", type=_ks, default=(1, 4, 8), help="the k of pass@k, comma-separated (default 1,4,8)")
+    s.add_argument("--samples", type=int, default=8, help="sampled responses per problem, n >= max k (default 8)")
+    s.add_argument("--out", help="also write the numbers to this JSON file")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.temperature=0.6 rollout.num_workers=2")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="one picture comparing runs: reward, held-out pass@k, divergence, length, "
+                                      "entropy, time per phase")
+    s.add_argument("run_dirs", nargs="+")
+    s.add_argument("--out", required=True, help="the picture, e.g. report.png")
+    s.set_defaults(fn=cmd_report)
+
     s = sub.add_parser("presample", help="DPH-RL: sample the initial student and store reliably solved "
                                          "responses with reference log-probs (algorithm.rehearsal.data_path)")
     s.add_argument("config")
@@ -168,7 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after options too (`rayskd eval RUN --k 1,4 rollout.top_p=0.9`)
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -37,6 +37,12 @@ class RunConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_max_prompts: int = 0  # 0: the whole eval split
+    # each evaluation: greedy accuracy, and pass@k for each k from eval_samples sampled
+    # responses per problem at the rollout settings (0: greedy only); in RUN_DIR/eval.jsonl
+    eval_samples: int = 8
+    eval_k: Tuple[int, ...] = (1, 4, 8)
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard
+    wandb_project: Optional[str] = None  # also log to Weights & Biases (WANDB_MODE=offline works)
     resume: str = "never"  # never | auto
 
 
@@ -278,6 +284,10 @@ def validate(cfg: Config) -> None:
     _check(run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
     _check(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
+    _check(run.eval_samples >= 0, "run.eval_samples", "must be >= 0 (0: greedy accuracy only)")
+    for k in run.eval_k if run.eval_samples else ():
+        _check(1 <= k <= run.eval_samples, "run.eval_k",
+               f"pass@{k} needs 1 <= k <= run.eval_samples ({run.eval_samples})")
     _choice("run.resume", run.resume, ("never", "auto"))
     _check(data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     if reward.function is None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .actors import log_to_file
 from .batch import (
     LearnerShare, RolloutShard, RolloutSummary, TeacherScores, concat_scores, concat_shards, forward_fields, length_mask,
     micro_batches,
@@ -127,6 +128,7 @@ def init_process_group(backend: str, addr: str, port: int, rank: int, world_size
 
 class Learner:
     def __init__(self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int):
+        log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
         cfg, algo = spec.cfg, spec.algo
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
         self.temperature, self.max_new_tokens = spec.sampling_temperature, spec.max_new_tokens

@@ -17,7 +17,7 @@ class UsageError(Exception):
 class Inputs:
     tokenizer_len: int
     eos_id: int
-    train: PromptDataset
+    train: PromptDataset | None  # None: checked for `rayskd eval` (need_train=False)
     eval: PromptDataset | None
     max_model_len: int
 
@@ -93,7 +93,16 @@ def _load_tokenizer(key: str, path: str):
         raise UsageError(f"{key}: cannot load the tokenizer at {path}: {str(e).splitlines()[0]}") from None
 
 
-def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = True) -> Inputs:
+def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = True,
+                 need_train: bool = True) -> Inputs:
+    """Everything a run needs, checked before anything starts. `need_train=False` (rayskd eval):
+    the eval split only."""
+    if cfg.run.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UsageError(f"run.wandb_project={cfg.run.wandb_project}: Weights & Biases is not installed "
+                             f"(pip install 'rayskd[wandb]')")
     _check_model("student.path", cfg.student.path)
     student_tok = _load_tokenizer("student.path", cfg.student.path)
     if need_teacher:
@@ -111,18 +120,21 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
     if need_rehearsal and cfg.algorithm.rehearsal.coef > 0:
         _check_rehearsal(cfg)
     try:
-        train = PromptDataset(read_jsonl(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key),
-                              student_tok, cfg.data.max_prompt_tokens)
+        train = None
+        if need_train:
+            train = PromptDataset(read_jsonl(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key),
+                                  student_tok, cfg.data.max_prompt_tokens)
         evals = None
         if cfg.data.eval_path:
             evals = PromptDataset(read_jsonl(cfg.data.eval_path, cfg.data.prompt_key, cfg.data.answer_key),
                                   student_tok, cfg.data.max_prompt_tokens)
     except DataError as e:
         raise UsageError(f"data: {e}") from None
-    if len(train) == 0:
-        raise UsageError(f"data.train_path: every prompt is longer than data.max_prompt_tokens="
-                         f"{cfg.data.max_prompt_tokens} ({train.skipped_too_long} skipped)")
-    if len(train) < cfg.algorithm.prompts_per_step:
+    for key, split in (("data.train_path", train), ("data.eval_path", None if need_train else evals)):
+        if split is not None and len(split) == 0:
+            raise UsageError(f"{key}: every prompt is longer than data.max_prompt_tokens="
+                             f"{cfg.data.max_prompt_tokens} ({split.skipped_too_long} skipped)")
+    if need_train and len(train) < cfg.algorithm.prompts_per_step:
         raise UsageError(f"algorithm.prompts_per_step={cfg.algorithm.prompts_per_step} is more than the "
                          f"{len(train)} usable training prompts")
     from transformers import AutoConfig
@@ -138,7 +150,7 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
     try:  # import the reward function in a separate process, as training will, and try it on a few rows
         runner = RewardRunner(cfg.reward.name, cfg.reward.function, cfg.reward.timeout_s, (os.getcwd(),),
                               cfg.reward.max_memory_mb)
-        rows = train.rows[:REWARD_PROBE_ROWS]
+        rows = (train or evals).rows[:REWARD_PROBE_ROWS]
         runner.check([(r["prompt"], str(r["answer"]), r["answer"]) for r in rows])
     except RewardError as e:
         raise UsageError(f"reward: {e}") from None

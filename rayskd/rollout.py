@@ -14,8 +14,10 @@ import threading
 
 import torch
 
+from .actors import log_to_file
 from .batch import PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
 from .config import RewardConfig, RolloutConfig
+from .evaluation import EvalRows
 from .rewards.runner import RewardRunner
 from .weight_sync import WORKER_EXTENSION
 
@@ -59,6 +61,9 @@ def watch_engine_core(llm, closing: threading.Event, every_s: float = 0.5) -> No
     threading.Thread(target=watch, name="rayskd-engine-watch", daemon=True).start()
 
 
+EVAL_STEP = -1  # the `step` of evaluation samples' seeds: no training step has it
+
+
 def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
     """The vLLM seed of prompt `uid`'s request at `step`. vLLM seeds sample i of a request
     with seed + i, so each prompt owns the block [base + uid * n, base + (uid + 1) * n): no two
@@ -72,6 +77,7 @@ def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
 class RolloutEngine:
     def __init__(self, model_path: str, cfg: RolloutConfig, reward: RewardConfig, seed: int, max_model_len: int,
                  extra_path: tuple[str, ...] = ()):
+        log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
         self.cfg, self.seed, self.version = cfg, seed, 0
         gpu = _has_gpu()
         if not gpu:
@@ -155,10 +161,19 @@ class RolloutEngine:
         shard = self.generate(prompts, step)
         return shard, summarize(shard)
 
-    def evaluate(self, prompts: PromptBatch) -> tuple[float, int]:
-        """(sum of rewards, count) of greedy responses: held-out accuracy for exact-match rewards."""
-        shard = self.generate(prompts, step=0, greedy=True)
-        return float(shard.rewards_N.sum()), shard.num_sequences
+    def evaluate(self, prompts: PromptBatch, samples: int = 0) -> EvalRows:
+        """A greedy response to every prompt and, if `samples`, that many sampled ones (the
+        rollout settings; seeded by prompt, the same at every evaluation, so that evaluations
+        differ by the weights only): rewards and lengths, per prompt (evaluation.py)."""
+        greedy = self.generate(prompts, step=0, greedy=True)
+        rows = EvalRows(greedy.rewards_N.tolist(), greedy.response_len_N.tolist(),
+                        reward_errors=greedy.stats.get("reward_errors", 0))
+        if samples:
+            sampled = self.generate(prompts, step=EVAL_STEP, n=samples)
+            rows.sampled_reward = sampled.rewards_N.view(-1, samples).tolist()
+            rows.sampled_len = sampled.response_len_N.view(-1, samples).tolist()
+            rows.reward_errors += sampled.stats.get("reward_errors", 0)
+        return rows
 
     def child_pids(self) -> list[tuple[str, int, float]]:
         """(node ip, pid, start time) of the processes this engine started (vLLM's engine

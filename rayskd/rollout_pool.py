@@ -53,14 +53,31 @@ def actor_state(actor) -> str:
         return "UNKNOWN"
 
 
+def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_dir: str | None = None) -> ActorGroup:
+    """The rollout workers of `cfg` (a rayskd Config), each a vLLM engine on `model_path`.
+    Ray restarts them without limit; RolloutPool budgets the restarts per window."""
+    import os
+
+    from .rollout import RolloutEngine
+
+    extra_path = (os.getcwd(),)  # where a user's reward module is imported from
+    return ActorGroup(
+        "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
+        lambda i, pg: dict(model_path=model_path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
+                           max_model_len=max_model_len, extra_path=extra_path),
+        resources=dict(cfg.rollout.resources), env_vars=env_vars, max_restarts=-1, task_retries=0, log_dir=log_dir)
+
+
 class RolloutPool:
-    def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: ObjectStoreSync):
+    def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: ObjectStoreSync | None):
         """`weights` moves the learner's weights into the engines, and into a restarted one
-        before it takes work again."""
+        before it takes work again (None: the engines serve the model they started with, as
+        in `rayskd eval`)."""
         self.group, self.event, self.weights = group, event, weights
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
         self.failures: list[list[float]] = [[] for _ in range(group.n)]  # times each worker failed
-        weights.setup(self.actors)
+        if weights is not None:
+            weights.setup(self.actors)
 
     @property
     def n(self) -> int:
@@ -123,8 +140,7 @@ class RolloutPool:
         self.failures[i] = [t for t in self.failures[i] if now - t < FAILURE_WINDOW_S] + [now]
         if len(self.failures[i]) > MAX_FAILURES:
             raise TrainingError(f"rollout worker {i} failed {len(self.failures[i])} times within "
-                                f"{FAILURE_WINDOW_S / 60:.0f} minutes; stopping (its log is in the Ray session's "
-                                f"logs directory)")
+                                f"{FAILURE_WINDOW_S / 60:.0f} minutes; stopping (its log: {self.group.log_file(i)})")
         actor = self.actors[i]
         deadline = now + REVIVE_TIMEOUT_S
         while True:
@@ -135,12 +151,13 @@ class RolloutPool:
                 state = actor_state(actor)
                 if state == "DEAD":
                     raise TrainingError(f"rollout worker {i} died and Ray could not restart it (its constructor "
-                                        f"failed: see the Ray session's logs)") from None
+                                        f"failed: see {self.group.log_file(i)})") from None
                 if time.time() > deadline:
                     raise TrainingError(f"rollout worker {i} did not come back within {REVIVE_TIMEOUT_S} s "
                                         f"(state {state})") from None
                 time.sleep(1)
-        self.weights.rejoin(actor)
+        if self.weights is not None:
+            self.weights.rejoin(actor)
 
     def shutdown(self) -> None:
         """Shut the engines down, kill the actors, and kill any engine process left behind."""

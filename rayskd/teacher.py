@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .actors import log_to_file
 from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches
 from .config import TeacherConfig
 from .losses import hidden_topk_logprobs
@@ -21,6 +22,7 @@ def teacher_dtype(name: str, device: str) -> torch.dtype:
 
 class TeacherScorer:
     def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int):
+        log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
         self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = teacher_dtype(cfg.dtype, self.device)

@@ -5,6 +5,7 @@ as Ray object refs; the driver only touches prompts, scalars and small metadata.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,17 +15,18 @@ import psutil
 import ray
 
 from . import checkpoint
-from .actors import ActorGroup, TrainingError, start_learners
+from .actors import ActorGroup, TrainingError, actor_env, init_ray, start_learners
 from .batch import LearnerShare, PromptBatch, batch_stats, prompt_batch
 from .config import Config, requests_per_step, to_yaml
+from .evaluation import EvalRows, summarize_eval
 from .learner import StepMetrics, batch_normalisers
 from .losses import coef_at
 from .metrics import MetricsLog
 from .pipeline import ReadyBatch, RolloutPipeline
 from .preflight import Inputs, UsageError, check_inputs
-from .rollout import RolloutEngine
-from .rollout_pool import MAX_RETRIES, RolloutPool
+from .rollout_pool import MAX_RETRIES, RolloutPool, start_rollout
 from .teacher import TeacherScorer
+from .tracking import open_sinks
 from .weight_sync import ObjectStoreSync
 
 STOP_AFTER_NONFINITE = 3
@@ -78,29 +80,24 @@ class Trainer:
         os.makedirs(run_dir, exist_ok=True)
         if cfg.run.resume != "auto":  # a resume writes it once it has worked
             self._write_config()
-        self.log = MetricsLog(run_dir, cfg.run.steps)
+        sinks = open_sinks(run_dir, cfg.run.tensorboard, cfg.run.wandb_project, dataclasses.asdict(cfg),
+                           self.resume_from[0] if self.resume_from else None)
+        self.log = MetricsLog(run_dir, cfg.run.steps, sinks=sinks)
         self._init_ray()
         self.handle_sigterm()  # after ray.init, which installs handlers of its own
-        env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gb),
-               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-               # vLLM's INFO lines drown the progress; set VLLM_LOGGING_LEVEL=INFO to see them
-               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-        inputs, extra_path = self.inputs, (os.getcwd(),)
+        env, inputs = actor_env(cfg), self.inputs
         t0 = time.time()
         self.log.event(f"starting {cfg.rollout.num_workers} rollout, {cfg.teacher.num_workers} teacher and "
                        f"{cfg.learner.world_size} learner actors")
-        rollout = ActorGroup(
-            "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
-            lambda i, pg: dict(model_path=cfg.student.path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
-                               max_model_len=inputs.max_model_len, extra_path=extra_path), resources=dict(cfg.rollout.resources), env_vars=env,
-            max_restarts=-1, task_retries=0)  # restarts budgeted per window by RolloutPool
+        logs = os.path.join(run_dir, "logs")  # each actor's output: logs/rollout_0.log, ...
+        rollout = start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
         # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
             lambda i, pg: dict(model_path=cfg.teacher.path, cfg=cfg.teacher, tokenizer_len=inputs.tokenizer_len),
             resources=dict(cfg.teacher.resources),
-            env_vars=env, max_restarts=MAX_RETRIES, task_retries=MAX_RETRIES)
-        self.learner = start_learners(cfg, inputs.tokenizer_len, env)
+            env_vars=env, max_restarts=MAX_RETRIES, task_retries=MAX_RETRIES, log_dir=logs)
+        self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
         self.rollout = RolloutPool(rollout, self.log.event, ObjectStoreSync(self.learner))
@@ -124,15 +121,8 @@ class Trainer:
         signal.signal(signal.SIGTERM, on_sigterm)
 
     def _init_ray(self) -> None:
-        if ray.is_initialized():
-            return
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-            return
         cfg = self.cfg
-        needed = cfg.rollout.num_workers + cfg.teacher.num_workers + cfg.learner.world_size
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=True)
-        self._started_ray = True
+        self._started_ray = init_ray(cfg.rollout.num_workers + cfg.teacher.num_workers + cfg.learner.world_size)
 
     # ---- one update ----
 
@@ -287,27 +277,33 @@ class Trainer:
 
     # ---- evaluation and the loop ----
 
-    def evaluate(self) -> float | None:
-        """Held-out accuracy: greedy decoding on the rollout engines, mean reward."""
-        data = self.inputs.eval
+    def evaluate(self) -> dict | None:
+        """Held-out evaluation on the rollout engines (greedy accuracy, pass@k from
+        run.eval_samples samples per problem, response length), logged to eval.jsonl."""
+        data, run = self.inputs.eval, self.cfg.run
         if data is None:
             return None
-        n = len(data) if not self.cfg.run.eval_max_prompts else min(len(data), self.cfg.run.eval_max_prompts)
-        calls = self.rollout.run("evaluate", self.rollout.split(prompt_batch(data, list(range(n)))), what="evaluation")
-        results = ray.get(calls)
-        return sum(r[0] for r in results) / max(sum(r[1] for r in results), 1)
+        t0 = time.perf_counter()
+        n = len(data) if not run.eval_max_prompts else min(len(data), run.eval_max_prompts)
+        calls = self.rollout.run("evaluate", self.rollout.split(prompt_batch(data, list(range(n)))), run.eval_samples,
+                                 what="evaluation")
+        rows = EvalRows()
+        for part in ray.get(calls):
+            rows.extend(part)
+        result = {"step": self.step_num, **summarize_eval(rows, run.eval_k), "eval_s": time.perf_counter() - t0}
+        self.log.log_eval(result)
+        return result
 
     def fit(self) -> dict:
         cfg = self.cfg
-        summary = {"eval_before": self.evaluate() if self.step_num == 0 else None}
-        if summary["eval_before"] is not None:
-            self.log.event(f"held-out accuracy before training: {summary['eval_before']:.3f}")
+        before = self.evaluate() if self.step_num == 0 else None
+        summary = {"eval_before": before and before["greedy_accuracy"]}
         record = {}
         while self.step_num < cfg.run.steps:
             record = self.step()
             due = cfg.run.eval_every and self.step_num % cfg.run.eval_every == 0
             if (due or self.step_num == cfg.run.steps) and self.inputs.eval is not None:
-                record["eval_accuracy"] = self.evaluate()
+                record["eval_accuracy"] = self.evaluate()["greedy_accuracy"]
             self.log.log(record)
             self.unlogged = None
             every = cfg.run.checkpoint_every
@@ -320,8 +316,6 @@ class Trainer:
                 return summary
         summary["eval_after"] = record.get("eval_accuracy")
         summary["final_model"] = self.save_final()
-        if summary["eval_before"] is not None:
-            self.log.event(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}")
         return summary
 
     def save_final(self) -> str:
@@ -333,6 +327,8 @@ class Trainer:
     # ---- tear-down: every path ----
 
     def shutdown(self) -> None:
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         if self.pipeline is not None:
             self.pipeline.shutdown()
         if self.rollout is not None:

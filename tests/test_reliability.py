@@ -133,7 +133,7 @@ def test_the_fourth_crash_in_the_window_stops_at_once_and_keeps_the_steps(demo_a
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert "rollout worker 0 failed 4 times within 10 minutes" in err
     assert stopped_after < 120  # at once, not after 600 s of silence
-    nothing_lost(run, at_least=4, log=out)
+    nothing_lost(run, at_least=4, log=out + err)
 
 
 def test_damaged_newest_checkpoint_and_a_resume_on_another_learner_count(demo_assets, tmp_path,

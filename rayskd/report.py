@@ -1,0 +1,93 @@
+"""`rayskd report RUN_DIR [RUN_DIR ...] --out FILE.png`: one picture comparing runs.
+
+Six panels, every run overlaid and labelled: training reward, held-out pass@1 and pass@k
+(the largest k evaluated; greedy accuracy, dotted, for runs evaluated without samples), teacher divergence, response length,
+policy entropy, and the mean seconds per step of each phase (generate, teacher scoring,
+learner update, weight sync) as grouped bars. Reads metrics.jsonl and eval.jsonl only.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .preflight import UsageError
+
+PHASES = (("generate_s", "generate"), ("score_s", "teacher"), ("train_s", "learner"), ("sync_s", "weight sync"))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def labels_for(run_dirs: list[str]) -> list[str]:
+    """Each run's directory name, with its parent's when two runs share a name."""
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    return [os.path.join(os.path.basename(os.path.dirname(os.path.normpath(d))), n) if names.count(n) > 1 else n
+            for d, n in zip(run_dirs, names)]
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _largest_k(evals: list[dict]) -> str | None:
+    ks = sorted({int(key[5:]) for r in evals for key in r if key.startswith("pass@")})
+    return f"pass@{ks[-1]}" if ks and ks[-1] > 1 else None
+
+
+def make_report(run_dirs: list[str], out: str) -> str:
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            raise UsageError(f"{d}: no metrics.jsonl (not a rayskd run directory, or no step finished yet)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(label, read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl")))
+            for label, d in zip(labels_for(run_dirs), run_dirs)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = ((axes[0, 0], "reward_mean", "training reward (mean)"),
+              (axes[0, 2], "kd_divergence", "teacher divergence"),
+              (axes[1, 0], "response_len_mean", "response length (tokens)"),
+              (axes[1, 1], "entropy", "policy entropy (nats/token)"))
+    for i, (label, metrics, evals) in enumerate(runs):
+        color = colors[i % len(colors)]
+        for ax, key, _ in panels:
+            ax.plot(*_series(metrics, key), color=color, label=label, linewidth=1.4)
+        ax = axes[0, 1]
+        if any("pass@1" in r for r in evals):
+            ax.plot(*_series(evals, "pass@1"), color=color, marker="o", label=f"{label} pass@1")
+            if (k := _largest_k(evals)) is not None:
+                ax.plot(*_series(evals, k), color=color, marker="s", linestyle="--", label=f"{label} {k}")
+        else:  # evaluations without samples (or a run older than eval.jsonl): greedy accuracy
+            greedy = _series(evals, "greedy_accuracy") if evals else _series(metrics, "eval_accuracy")
+            ax.plot(*greedy, color=color, marker="o", linestyle=":", label=f"{label} greedy")
+    for ax, _, title in panels:
+        ax.set_title(title)
+    axes[0, 1].set_title("held-out pass@1 (solid), pass@k (dashed)")
+    axes[1, 0].ticklabel_format(useOffset=False)
+    ax = axes[1, 2]
+    width = 0.8 / max(len(runs), 1)
+    for i, (label, metrics, _) in enumerate(runs):
+        means = [sum(r.get(key) or 0.0 for r in metrics) / max(len(metrics), 1) for key, _ in PHASES]
+        ax.bar([p + i * width for p in range(len(PHASES))], means, width, label=label, color=colors[i % len(colors)])
+    ax.set_xticks([p + 0.4 - width / 2 for p in range(len(PHASES))], [name for _, name in PHASES])
+    ax.set_title("seconds per step, by phase (mean)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        if ax is not axes[1, 2]:
+            ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("rayskd: " + ", ".join(label for label, _, _ in runs))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,62 @@
+"""Issue 12: the unbiased pass@k estimator against hand-computed cases (n = k and c = 0
+included) and exact binomials, and one evaluation's numbers from per-problem rows."""
+import math
+from fractions import Fraction
+
+import pytest
+
+from rayskd.evaluation import EvalRows, format_eval, pass_at_k, summarize_eval
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 0, 1, 0.0),            # c = 0: never
+    (8, 0, 8, 0.0),            # c = 0 with n = k
+    (4, 1, 4, 1.0),            # n = k: one correct sample is among the k
+    (4, 4, 4, 1.0),
+    (5, 2, 1, 2 / 5),          # pass@1 is the solve rate
+    (5, 2, 2, 1 - 3 / 10),     # 1 - C(3,2)/C(5,2)
+    (8, 3, 4, 1 - 5 / 70),     # 1 - C(5,4)/C(8,4)
+    (4, 2, 3, 1.0),            # fewer than k failures: certain
+    (10, 1, 5, 1 - 126 / 252),  # 1 - C(9,5)/C(10,5) = 1/2
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_matches_exact_binomials():
+    for n in range(1, 17):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+                assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_large_n_stays_finite_and_exact():
+    exact = 1 - Fraction(math.comb(900, 64), math.comb(1000, 64))
+    assert pass_at_k(1000, 100, 64) == pytest.approx(float(exact), rel=1e-12)
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 5, 1), (4, -1, 1), (4, 1, 0), (4, 1, 5)])
+def test_pass_at_k_refuses_impossible_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_summary_of_an_evaluation():
+    rows = EvalRows(greedy_reward=[1.0, 0.0, 1.0], greedy_len=[2, 4, 3],
+                    sampled_reward=[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.5, 1.0]],
+                    sampled_len=[[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]], reward_errors=1)
+    out = summarize_eval(rows, (1, 2, 4))
+    assert out["problems"] == 3 and out["samples_per_problem"] == 4 and out["reward_errors"] == 1
+    assert out["greedy_accuracy"] == pytest.approx(2 / 3)
+    # solved counts 1, 0, 3 (0.5 is partial credit, not solved)
+    assert out["pass@1"] == pytest.approx((1 / 4 + 0 + 3 / 4) / 3)
+    assert out["pass@2"] == pytest.approx(((1 - 3 / 6) + 0 + 1) / 3)
+    assert out["pass@4"] == pytest.approx(2 / 3)
+    assert out["response_len_mean"] == pytest.approx((2 + 4 + 3 + 4 + 8 + 12) / 15)
+    assert format_eval(out).startswith("greedy 0.667 | pass@1 0.333 | pass@2 0.500 | pass@4 0.667 | len 2.2")
+
+
+def test_greedy_only_evaluation_has_no_pass_at_k():
+    out = summarize_eval(EvalRows(greedy_reward=[0.0, 1.0], greedy_len=[1, 1]), (1, 4))
+    assert out["greedy_accuracy"] == 0.5 and not any(key.startswith("pass@") for key in out)
