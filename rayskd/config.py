@@ -54,6 +54,10 @@ class DataConfig:
     answer_key: str = "answer"
     max_prompt_tokens: int = 512
     shuffle: bool = True
+    # a prompt of {role, content} messages always goes through the student's chat template;
+    # chat_template=true sends text prompts through it too, as one user message
+    chat_template: bool = False
+    system_prompt: Optional[str] = None  # put first when a conversation has no system message
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class TeacherConfig:
     gpus_per_worker: float = 0.0
     resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
+    # the teacher scores the student's tokens, rendered with the student's chat template: a
+    # teacher whose own template renders a conversation differently is refused unless this is set
+    allow_template_mismatch: bool = False
     micro_batch_size: int = 16
     # > 0: micro-batches by a token budget instead of micro_batch_size rows: sequences grouped
     # by length, rows x longest (prompt + response) <= this (see batch.micro_batches)
@@ -105,6 +112,10 @@ class RolloutConfig:
     # sample exactly max_new_tokens: an end-of-sequence token is an ordinary token (the
     # sampling distribution is unchanged, so the learner's log-probs still match). For benchmarks.
     ignore_eos: bool = False
+    # generation also ends at these strings (the tokens that produced one are kept, and the
+    # response counts as terminated, not truncated); end-of-sequence ids come from the
+    # student's generation_config.json (all of them: chat models often have several)
+    stop: Tuple[str, ...] = ()
     # each step's prompts go out as requests of this many prompts, spread over the engines,
     # each scored by the first free teacher as soon as it is generated (0: as few requests as
     # the engines and learner ranks allow; see requests_per_step)

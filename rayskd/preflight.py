@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from .config import Config
-from .data.dataset import DataError, PromptDataset, read_jsonl
+from .data.dataset import DataError, PromptDataset, read_rows, render_prompt
 
 
 class UsageError(Exception):
@@ -93,6 +93,28 @@ def _load_tokenizer(key: str, path: str):
         raise UsageError(f"{key}: cannot load the tokenizer at {path}: {str(e).splitlines()[0]}") from None
 
 
+def load_split(cfg: Config, path: str, tokenizer) -> PromptDataset:
+    rows, malformed = read_rows(path, cfg.data.prompt_key, cfg.data.answer_key)
+    return PromptDataset(rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template, cfg.data.system_prompt,
+                         skipped_malformed=malformed)
+
+
+def check_same_template(student_tok, teacher_tok, system_prompt: str | None) -> None:
+    """The teacher scores the student's tokens as the student's template rendered them: when
+    the teacher's own template renders the same conversation differently, its log-probs are
+    those of a context it was never trained on, and the teacher signal is silently wrong."""
+    conversation = [{"role": "user", "content": "What is 2 + 3?"}]
+    if not getattr(teacher_tok, "chat_template", None):
+        raise UsageError("teacher.path: the teacher's tokenizer has no chat template, the student's prompts are "
+                         "chat-formatted; set teacher.allow_template_mismatch=true to train anyway")
+    ours = render_prompt(student_tok, conversation, True, system_prompt)
+    theirs = render_prompt(teacher_tok, conversation, True, system_prompt)
+    if ours != theirs:
+        raise UsageError(f"teacher.path: the teacher's chat template renders a conversation differently from the "
+                         f"student's ({ours!r} vs {theirs!r}): the teacher would score a context it was not "
+                         f"trained on; set teacher.allow_template_mismatch=true to train anyway")
+
+
 def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = True,
                  need_train: bool = True) -> Inputs:
     """Everything a run needs, checked before anything starts. `need_train=False` (rayskd eval):
@@ -120,16 +142,13 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
     if need_rehearsal and cfg.algorithm.rehearsal.coef > 0:
         _check_rehearsal(cfg)
     try:
-        train = None
-        if need_train:
-            train = PromptDataset(read_jsonl(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key),
-                                  student_tok, cfg.data.max_prompt_tokens)
-        evals = None
-        if cfg.data.eval_path:
-            evals = PromptDataset(read_jsonl(cfg.data.eval_path, cfg.data.prompt_key, cfg.data.answer_key),
-                                  student_tok, cfg.data.max_prompt_tokens)
+        train = load_split(cfg, cfg.data.train_path, student_tok) if need_train else None
+        evals = load_split(cfg, cfg.data.eval_path, student_tok) if cfg.data.eval_path else None
     except DataError as e:
         raise UsageError(f"data: {e}") from None
+    chat = any(split.chat for split in (train, evals) if split is not None)
+    if need_teacher and chat and not cfg.teacher.allow_template_mismatch:
+        check_same_template(student_tok, teacher_tok, cfg.data.system_prompt)
     for key, split in (("data.train_path", train), ("data.eval_path", None if need_train else evals)):
         if split is not None and len(split) == 0:
             raise UsageError(f"{key}: every prompt is longer than data.max_prompt_tokens="

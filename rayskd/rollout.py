@@ -64,6 +64,23 @@ def watch_engine_core(llm, closing: threading.Event, every_s: float = 0.5) -> No
 EVAL_STEP = -1  # the `step` of evaluation samples' seeds: no training step has it
 
 
+def eos_ids(model_path: str, tokenizer_eos: int) -> list[int]:
+    """Every end-of-sequence id: the tokenizer's and those of generation_config.json (an int
+    or a list: instruct models often end turns with a token other than the tokenizer's EOS)."""
+    import json
+
+    ids = [tokenizer_eos]
+    try:
+        with open(os.path.join(model_path, "generation_config.json")) as f:
+            found = json.load(f).get("eos_token_id")
+    except (OSError, ValueError):
+        found = None
+    for i in found if isinstance(found, list) else [found]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids
+
+
 def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
     """The vLLM seed of prompt `uid`'s request at `step`. vLLM seeds sample i of a request
     with seed + i, so each prompt owns the block [base + uid * n, base + (uid + 1) * n): no two
@@ -102,6 +119,7 @@ class RolloutEngine:
         watch_engine_core(self.llm, self.closing)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_id = self.tokenizer.eos_token_id
+        self.stop_ids = eos_ids(model_path, self.eos_id)
         # LM-head rows past the tokenizer are padding: the learner normalises over the
         # tokenizer's rows only, so the engine must never sample (or normalise over) the others
         rows, real = self.llm.llm_engine.model_config.get_vocab_size(), len(self.tokenizer)
@@ -122,10 +140,17 @@ class RolloutEngine:
 
         if greedy:
             return SamplingParams(n=n, temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=0,
-                                  logit_bias=self.padding_bias)
+                                  logit_bias=self.padding_bias, **self._stops())
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                               max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=request_seed,
-                              logit_bias=self.padding_bias, ignore_eos=self.cfg.ignore_eos)
+                              logit_bias=self.padding_bias, ignore_eos=self.cfg.ignore_eos, **self._stops())
+
+    def _stops(self) -> dict:
+        """Where generation ends besides the tokenizer's EOS: every end id of the generation
+        config, and rollout.stop strings (none of it when sampling exactly max_new_tokens)."""
+        if self.cfg.ignore_eos:
+            return {}
+        return {"stop_token_ids": self.stop_ids, "stop": list(self.cfg.stop) or None}
 
     def generate(self, prompts: PromptBatch, step: int, greedy: bool = False, n: int | None = None) -> RolloutShard:
         """n responses for every prompt (groups contiguous). Sampling is seeded per prompt by
@@ -145,7 +170,7 @@ class RolloutEngine:
                 logp_rows.append(logps[:len(ids)])
                 truncated.append(sample.finish_reason == "length")
                 uids.append(prompts.uids[i])
-                text = self.tokenizer.decode([t for t in ids if t != self.eos_id], skip_special_tokens=True)
+                text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
                 items.append((prompts.prompts[i], text, prompts.answers[i]))
         rewards, stats = self.rewards.score(items)
         return RolloutShard(

@@ -83,6 +83,10 @@ class Trainer:
         sinks = open_sinks(run_dir, cfg.run.tensorboard, cfg.run.wandb_project, dataclasses.asdict(cfg),
                            self.resume_from[0] if self.resume_from else None)
         self.log = MetricsLog(run_dir, cfg.run.steps, sinks=sinks)
+        for name, split in (("training", self.inputs.train), ("eval", self.inputs.eval)):
+            if split is not None and (split.skipped_malformed or split.skipped_too_long):
+                self.log.event(f"data: {len(split)} {name} prompts; skipped {split.skipped_malformed} malformed rows "
+                               f"and {split.skipped_too_long} over data.max_prompt_tokens")
         self._init_ray()
         self.handle_sigterm()  # after ray.init, which installs handlers of its own
         env, inputs = actor_env(cfg), self.inputs

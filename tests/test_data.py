@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rayskd.data.dataset import DataError, PromptDataset, PromptSampler, read_jsonl
+from rayskd.data.dataset import DataError, PromptDataset, PromptSampler, read_rows
 
 
 class CharTok:
@@ -10,19 +10,19 @@ class CharTok:
         return {"input_ids": [ord(c) for c in text]}
 
 
-def test_read_jsonl_errors(tmp_path):
+def test_read_rows_errors_and_malformed_rows(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"q": "1+1=", "a": "2"}\n\nnot json\n')
-    with pytest.raises(DataError, match=":3: not valid JSON"):
-        read_jsonl(str(p), "q", "a")
-    p.write_text('{"q": "1+1="}\n')
-    with pytest.raises(DataError, match="missing key 'a'"):
-        read_jsonl(str(p), "q", "a")
+    p.write_text('{"q": "1+1=", "a": "2"}\n\nnot json\n{"q": "2+2="}\n{"q": "", "a": "1"}\n{"q": 5, "a": "1"}\n')
+    rows, skipped = read_rows(str(p), "q", "a")
+    assert rows == [{"prompt": "1+1=", "answer": "2"}] and skipped == 4  # bad JSON, no answer, empty, not text
+    p.write_text('{"q": "1+1="}\nnot json\n')
+    with pytest.raises(DataError, match="no usable rows.*2 malformed; first: .*:1: missing key 'a'"):
+        read_rows(str(p), "q", "a")
     p.write_text("")
     with pytest.raises(DataError, match="empty"):
-        read_jsonl(str(p), "q", "a")
+        read_rows(str(p), "q", "a")
     with pytest.raises(DataError, match="not found"):
-        read_jsonl(str(tmp_path / "nope.jsonl"), "q", "a")
+        read_rows(str(tmp_path / "nope.jsonl"), "q", "a")
 
 
 def test_over_long_prompts_are_skipped_and_counted():

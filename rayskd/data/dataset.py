@@ -1,4 +1,5 @@
-"""JSONL prompt datasets and a prompt sampler whose position is part of the run's state."""
+"""Prompt datasets (JSONL, JSON, Parquet, CSV, saved `datasets` directories; text or chat
+prompts) and a prompt sampler whose position is part of the run's state."""
 from __future__ import annotations
 
 import json
@@ -11,44 +12,137 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path: str, prompt_key: str, answer_key: str) -> list[dict]:
-    """Rows with `prompt_key` and `answer_key`; a clear DataError for a missing file, a bad
-    line or missing keys, and for an empty file."""
+# file formats read through the `datasets` library (JSONL is read line by line here, so that one
+# malformed line is skipped and counted instead of failing the whole file; CSV too, as text)
+TABLE_FORMATS = {".json": "json", ".parquet": "parquet"}
+
+
+def field(record, key: str):
+    """`record[key]`, where `key` may be a dotted path into nested fields
+    (`reward_model.ground_truth`, verl's layout). KeyError when it is not there."""
+    if isinstance(record, dict) and key in record:
+        return record[key]
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def _records(path: str):
+    """(where, record) for every row of a JSONL, JSON, Parquet or CSV file or a saved dataset
+    directory; record None for a line that is not valid JSON."""
+    if os.path.isdir(path):
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a saved dataset ({str(e).splitlines()[0]})") from None
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds and len(ds) != 1:
+                raise DataError(f"{path}: a dataset with splits {sorted(ds)}; point at one split's directory")
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        yield from ((f"{path}[{i}]", r) for i, r in enumerate(ds))
+        return
     if not os.path.isfile(path):
         raise DataError(f"dataset not found: {path}")
-    rows = []
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":  # read here: `datasets` infers types, and an answer "052" would become 52
+        import csv
+
+        with open(path, newline="") as f:
+            yield from ((f"{path}:{n}", row) for n, row in enumerate(csv.DictReader(f), 2))
+        return
+    if ext in TABLE_FORMATS:
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(TABLE_FORMATS[ext], data_files=path, split="train")
+        except Exception as e:
+            raise DataError(f"{path}: cannot read it as {TABLE_FORMATS[ext]} ({str(e).splitlines()[0]})") from None
+        yield from ((f"{path}[{i}]", r) for i, r in enumerate(ds))
+        return
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            for key in (prompt_key, answer_key):
-                if not isinstance(row, dict) or key not in row:
-                    raise DataError(f"{path}:{n}: missing key {key!r} (set data.prompt_key / data.answer_key)")
-            rows.append({"prompt": str(row[prompt_key]), "answer": str(row[answer_key])})
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError:
+                    yield f"{path}:{n}", None
+
+
+def _prompt(value):
+    """A usable prompt: a non-empty string, or a non-empty list of {role, content} messages."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    return None
+
+
+def read_rows(path: str, prompt_key: str, answer_key: str) -> tuple[list[dict], int]:
+    """Rows {"prompt": str or messages, "answer": str} from a file or saved dataset directory
+    (see _records), and how many rows were skipped as malformed (not JSON, a field missing or
+    empty, a prompt that is neither text nor messages). None usable: DataError."""
+    rows, skipped, first = [], 0, None
+    for where, record in _records(path):
+        try:
+            prompt, answer = _prompt(field(record, prompt_key)), field(record, answer_key)
+            problem = ("not valid JSON" if record is None else "the prompt is neither text nor {role, content} "
+                       "messages" if prompt is None else "the answer is empty" if answer is None or not str(answer).strip() else None)
+        except KeyError as e:
+            problem = f"missing key {e.args[0]!r}"
+        if problem is not None:
+            skipped += 1
+            first = first or f"{where}: {problem}"
+            continue
+        rows.append({"prompt": prompt, "answer": str(answer)})
     if not rows:
-        raise DataError(f"dataset is empty: {path}")
-    return rows
+        raise DataError(f"no usable rows in {path}" + (f" ({skipped} malformed; first: {first}; set "
+                                                        f"data.prompt_key / data.answer_key)" if skipped else
+                                                        " (it is empty)"))
+    return rows, skipped
 
 
 class PromptDataset:
-    """Tokenised prompts; prompts longer than max_prompt_tokens are skipped and counted."""
+    """Tokenised prompts. A prompt of chat messages (or a text prompt, with `chat_template`)
+    goes through the tokenizer's chat template with the generation prompt, after
+    `system_prompt` when the messages have no system message; the rendered text is what the
+    reward sees. Prompts longer than max_prompt_tokens (or empty) are skipped and counted."""
 
-    def __init__(self, rows: list[dict], tokenizer, max_prompt_tokens: int):
+    def __init__(self, rows: list[dict], tokenizer, max_prompt_tokens: int, chat_template: bool = False,
+                 system_prompt: str | None = None, skipped_malformed: int = 0):
         self.rows, self.prompt_ids, self.skipped_too_long = [], [], 0
+        self.skipped_malformed = skipped_malformed
+        self.chat = chat_template or any(not isinstance(row["prompt"], str) for row in rows)  # templated
         for row in rows:
-            ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            text = render_prompt(tokenizer, row["prompt"], chat_template, system_prompt)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > max_prompt_tokens or len(ids) == 0:
                 self.skipped_too_long += 1
                 continue
-            self.rows.append(row)
+            self.rows.append({"prompt": text, "answer": row["answer"]})
             self.prompt_ids.append(ids)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def render_prompt(tokenizer, prompt, chat_template: bool, system_prompt: str | None) -> str:
+    """The text a prompt is fed to the model as (see PromptDataset)."""
+    if isinstance(prompt, str) and not chat_template:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the prompts are chat messages (or data.chat_template=true) but the student's tokenizer "
+                        "has no chat template")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 class PromptSampler:

@@ -15,14 +15,44 @@ def exact_match(prompt: str, completion: str, answer: str) -> float:
     return float(completion.strip() == str(answer).strip())
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None
+    when there is none or it is not closed."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, begin = 1, i
+    while i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+        i += 1
+    return None
+
+
+def final_answer(text: str) -> str:
+    """The answer a solution states last: its last \\boxed{...} (MATH style), else what follows
+    its last `####` (GSM8K style, thousands separators dropped), else the whole text (then
+    math-verify takes the last expression it can parse)."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return f"\\boxed{{{boxed}}}"
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text
+
+
 def math(prompt: str, completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer is mathematically equivalent to the reference
-    (math-verify: LaTeX and plain expressions, e.g. "1/2" == "0.5" == "\\frac{1}{2}")."""
+    """1.0 when the completion's final answer (final_answer: \\boxed{...}, `#### 42`, or the
+    last expression) is mathematically equivalent to the reference's, which may be a bare
+    value or a whole GSM8K / MATH solution (math-verify: LaTeX and plain expressions, e.g.
+    "1/2" == "0.5" == "\\frac{1}{2}")."""
     from math_verify import parse, verify
 
     # math-verify's default timeouts use signals, which only work in a main thread
-    gold = parse(str(answer), parsing_timeout=None)
-    pred = parse(completion, parsing_timeout=None)
+    gold = parse(final_answer(str(answer)), parsing_timeout=None)
+    pred = parse(final_answer(completion), parsing_timeout=None)
     if not gold or not pred:
         return 0.0
     return float(verify(gold, pred, timeout_seconds=None))
