@@ -122,3 +122,13 @@ def test_teacher_temperature_different_from_sampling_is_reported():
     assert "0.5 x the teacher's" in line
     r = run_cli("print-config", DEMO, "teacher.temperature=2.0")
     assert r.returncode == 0 and "teacher.temperature=2.0" in r.stderr
+
+
+def test_the_gpu_cluster_example_resolves():
+    """configs/gsm8k_kdrl_gpu.yaml (issue 13.7): `rayskd print-config` accepts it as written."""
+    r = subprocess.run([sys.executable, "-m", "rayskd", "print-config", "configs/gsm8k_kdrl_gpu.yaml"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config("configs/gsm8k_kdrl_gpu.yaml")
+    assert cfg.reward.name == "math" and cfg.data.chat_template and cfg.learner.world_size == 4
+    assert cfg.rollout.gpus_per_worker == cfg.teacher.gpus_per_worker == cfg.learner.gpus_per_worker == 1
