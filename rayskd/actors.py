@@ -48,18 +48,20 @@ def describe_failure(e: BaseException, tail: int = 8) -> str:
     and the last lines of its traceback (Ray's own wrapping left out)."""
     import re
 
+    if not isinstance(e, (ray.exceptions.RayTaskError, ray.exceptions.RayActorError)):
+        return f"{type(e).__name__}: {e}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the actor's name
+    lines = [line for line in text.splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    where = re.search(r"ray::(?:[\w-]+:)?(\S+?)\(\)? \(pid=(\d+)", text)
+    name = f"{where.group(1)} (pid {where.group(2)})" if where else "an actor"
     if isinstance(e, ray.exceptions.RayTaskError):
         cause = getattr(e, "cause", None) or e
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the first line
-        first, *rest = [line for line in text.splitlines() if line.strip() and set(line.strip()) != {"^"}]
-        where = re.match(r"(?:ray::)?(\S+)(?: \(pid=(\d+))?", first)
-        name = where.group(1) if where else first
-        pid = f" (pid {where.group(2)})" if where and where.group(2) else ""
-        return (f"{name}{pid} raised {type(cause).__name__}: {cause}\n"
-                + "\n".join("    " + line for line in rest[-tail:]))
-    if isinstance(e, ray.exceptions.RayActorError):
-        return " ".join(str(e).split("\n")[:3])
-    return f"{type(e).__name__}: {e}"
+        what = f"raised {type(cause).__name__}: {cause}"
+    elif len(lines) > 1:  # its constructor raised: the traceback follows Ray's first line
+        what = f"failed to start: {lines[-1]}"
+    else:
+        return " ".join(lines[:3])
+    return f"{name} {what}\n" + "\n".join("    " + line for line in lines[1:][-tail:])
 
 
 def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> dict:

@@ -151,7 +151,9 @@ def cmd_report(args) -> int:
 def cmd_presample(args) -> int:
     from .presample import presample
 
-    cfg = load_config(args.config, args.overrides)
+    from .preflight import resolve_models
+
+    cfg = resolve_models(load_config(args.config, args.overrides))
     presample(cfg, max_prompts=args.max_prompts, explore_out=args.explore_out)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -206,6 +207,16 @@ def requests_per_step(cfg: Config) -> int:
     return 0
 
 
+MODEL_KEYS = ("student.path", "teacher.path")
+MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_model_id(value: str) -> bool:
+    """A Hugging Face model id (`org/name`) rather than a path: it looks like one and no such
+    file or directory exists here. Resolved through the Hugging Face cache (preflight)."""
+    return bool(MODEL_ID.match(value)) and not os.path.exists(os.path.expanduser(value))
+
+
 PATH_KEYS = ("run.output_dir", "data.train_path", "data.eval_path", "student.path", "teacher.path",
              "algorithm.rehearsal.data_path")
 
@@ -243,7 +254,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         raise ConfigError(path or "", first_line(e)) from None
     for key in PATH_KEYS:
         value = get_key(cfg, key)
-        if value:
+        if value and not (key in MODEL_KEYS and is_model_id(value)):
             cfg = _replace(cfg, key, os.path.abspath(os.path.expanduser(value)))
     validate(cfg)
     return cfg

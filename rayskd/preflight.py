@@ -115,6 +115,28 @@ def check_same_template(student_tok, teacher_tok, system_prompt: str | None) -> 
                          f"trained on; set teacher.allow_template_mismatch=true to train anyway")
 
 
+def resolve_models(cfg: Config) -> Config:
+    """student.path / teacher.path given as Hugging Face model ids become local directories:
+    the cached snapshot (HF_HUB_OFFLINE=1, as scripts/_env.sh sets) or a download where there
+    is network. Exit 2 when neither works."""
+    from .config import MODEL_KEYS, _replace, get_key, is_model_id
+
+    for key in MODEL_KEYS:
+        value = get_key(cfg, key)
+        if not is_model_id(value):
+            continue
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(value)
+        except Exception as e:
+            raise UsageError(f"{key}: {value} is neither a local directory nor a model in the Hugging Face cache "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); download it, or unset "
+                             f"HF_HUB_OFFLINE where there is network") from None
+        cfg = _replace(cfg, key, local)
+    return cfg
+
+
 def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = True,
                  need_train: bool = True) -> Inputs:
     """Everything a run needs, checked before anything starts. `need_train=False` (rayskd eval):

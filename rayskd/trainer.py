@@ -23,7 +23,7 @@ from .learner import StepMetrics, batch_normalisers
 from .losses import coef_at
 from .metrics import MetricsLog
 from .pipeline import ReadyBatch, RolloutPipeline
-from .preflight import Inputs, UsageError, check_inputs
+from .preflight import Inputs, UsageError, check_inputs, resolve_models
 from .rollout_pool import MAX_RETRIES, RolloutPool, start_rollout
 from .teacher import TeacherScorer
 from .tracking import open_sinks
@@ -48,7 +48,7 @@ def check_resume(cfg: Config, found: tuple[int, str] | None) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, inputs: Inputs | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = resolve_models(cfg)  # model ids -> local snapshots (exit 2 when not found)
         self.inputs = inputs or check_inputs(cfg)  # before anything expensive: UsageError, exit 2
         run_dir = cfg.run.output_dir
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and cfg.run.resume == "never":

@@ -91,6 +91,7 @@ def test_eval_refuses_bad_input_before_starting_anything(demo_assets, tmp_path):
 
 
 def test_a_failure_names_the_actor_and_ends_with_its_traceback():
+    """A method that raises, and a constructor that raises (the actor never starts)."""
     import ray
 
     from rayskd.actors import describe_failure
@@ -103,13 +104,26 @@ def test_a_failure_names_the_actor_and_ends_with_its_traceback():
         def _check(self, x):
             raise ValueError(f"bad sample {x}")
 
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self):
+            raise RuntimeError("unsupported head size")
+
+        def ready(self):
+            return True
+
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(Exception) as caught:
             ray.get(Scorer.remote().score.remote(7))
         text = describe_failure(caught.value)
+        with pytest.raises(Exception) as caught:
+            ray.get(Engine.remote().ready.remote())
+        died = describe_failure(caught.value)
     finally:
         ray.shutdown()
+    assert died.splitlines()[0].startswith("Engine.__init__") and \
+        "failed to start: RuntimeError: unsupported head size" in died.splitlines()[0], died
     first, *tail = text.splitlines()
     assert "Scorer.score" in first and "ValueError: bad sample 7" in first, text
     assert any("_check" in line for line in tail) and tail[-1].strip() == "ValueError: bad sample 7", text
