@@ -73,6 +73,26 @@ def format_eval(summary: dict) -> str:
     return " | ".join(parts)
 
 
+def evaluate_on(pool, dataset, run) -> dict:
+    """One evaluation of the model the rollout pool's engines serve: the first
+    run.eval_max_prompts problems of `dataset` (0: all), greedy plus run.eval_samples samples
+    each, summarised for run.eval_k; `eval_s` is its wall time. Training and `rayskd eval`
+    both evaluate through here."""
+    import time
+
+    import ray
+
+    from .batch import prompt_batch
+
+    t0 = time.perf_counter()
+    n = len(dataset) if not run.eval_max_prompts else min(len(dataset), run.eval_max_prompts)
+    rows = EvalRows()
+    for part in ray.get(pool.run("evaluate", pool.split(prompt_batch(dataset, list(range(n)))), run.eval_samples,
+                                 what="evaluation")):
+        rows.extend(part)
+    return {**summarize_eval(rows, run.eval_k), "eval_s": time.perf_counter() - t0}
+
+
 def resolve_target(target: str) -> tuple[str, str | None, int | None]:
     """(model directory, run config or None, checkpoint step or None) of `rayskd eval TARGET`:
     a Hugging Face model directory, or a run directory (its newest intact checkpoint's model;
@@ -103,12 +123,10 @@ def run_eval(target: str, data: str | None, ks: tuple[int, ...], samples: int, o
     the run's eval split), on the run's rollout settings (or the defaults, for a model
     directory) and `overrides`, on rollout.num_workers vLLM engines."""
     import os
-    import time
 
     import ray
 
     from .actors import actor_env, init_ray
-    from .batch import prompt_batch
     from .config import load_config
     from .preflight import UsageError, check_inputs
     from .rollout_pool import RolloutPool, start_rollout
@@ -129,15 +147,8 @@ def run_eval(target: str, data: str | None, ks: tuple[int, ...], samples: int, o
     started = init_ray(cfg.rollout.num_workers)
     pool = None
     try:
-        t0 = time.perf_counter()
         pool = RolloutPool(start_rollout(cfg, model, inputs.max_model_len, actor_env(cfg)), log, None)
-        n = len(inputs.eval) if not cfg.run.eval_max_prompts else min(len(inputs.eval), cfg.run.eval_max_prompts)
-        rows = EvalRows()
-        for part in ray.get(pool.run("evaluate", pool.split(prompt_batch(inputs.eval, list(range(n)))), samples,
-                                     what="evaluation")):
-            rows.extend(part)
-        return {"model": model, "step": step, "data": cfg.data.eval_path, **summarize_eval(rows, ks),
-                "eval_s": time.perf_counter() - t0}
+        return {"model": model, "step": step, "data": cfg.data.eval_path, **evaluate_on(pool, inputs.eval, cfg.run)}
     finally:
         if pool is not None:
             pool.shutdown()

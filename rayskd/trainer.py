@@ -18,7 +18,7 @@ from . import checkpoint
 from .actors import ActorGroup, TrainingError, actor_env, init_ray, start_learners
 from .batch import LearnerShare, PromptBatch, batch_stats, prompt_batch
 from .config import Config, requests_per_step, to_yaml
-from .evaluation import EvalRows, summarize_eval
+from .evaluation import evaluate_on
 from .learner import StepMetrics, batch_normalisers
 from .losses import coef_at
 from .metrics import MetricsLog
@@ -284,17 +284,9 @@ class Trainer:
     def evaluate(self) -> dict | None:
         """Held-out evaluation on the rollout engines (greedy accuracy, pass@k from
         run.eval_samples samples per problem, response length), logged to eval.jsonl."""
-        data, run = self.inputs.eval, self.cfg.run
-        if data is None:
+        if self.inputs.eval is None:
             return None
-        t0 = time.perf_counter()
-        n = len(data) if not run.eval_max_prompts else min(len(data), run.eval_max_prompts)
-        calls = self.rollout.run("evaluate", self.rollout.split(prompt_batch(data, list(range(n)))), run.eval_samples,
-                                 what="evaluation")
-        rows = EvalRows()
-        for part in ray.get(calls):
-            rows.extend(part)
-        result = {"step": self.step_num, **summarize_eval(rows, run.eval_k), "eval_s": time.perf_counter() - t0}
+        result = {"step": self.step_num, **evaluate_on(self.rollout, self.inputs.eval, self.cfg.run)}
         self.log.log_eval(result)
         return result
 
