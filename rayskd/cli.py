@@ -23,11 +23,12 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_prepare_demo(args) -> int:
-    from .data.demo import prepare_demo
+    from .data.demo import DEFAULT_OUT, prepare_demo
 
-    report = prepare_demo(args.out, seed=args.seed)
-    print(f"demo assets in {args.out}: teacher accuracy {report['teacher_accuracy']:.3f}, "
-          f"student accuracy {report['student_accuracy']:.3f} (held-out, greedy, exact match)")
+    out = args.out or DEFAULT_OUT[args.task]
+    report = prepare_demo(out, seed=args.seed, task=args.task)
+    print(f"demo assets ({args.task}) in {out}: teacher accuracy {report['teacher_accuracy']:.3f}, "
+          f"student accuracy {report['student_accuracy']:.3f} (held-out, greedy)")
     return 0
 
 
@@ -216,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_presample)
 
     s = sub.add_parser("prepare-demo", help="write the built-in demo task, tokenizer and models (cached)")
-    s.add_argument("--out", default="demo_assets")
+    s.add_argument("--task", choices=("arith", "split"), default="arith",
+                   help="arith: two-digit addition (configs/demo.yaml); split: a number as a carry-free sum, "
+                        "many right answers (configs/demo_split.yaml)")
+    s.add_argument("--out", help="default: demo_assets (arith), demo_assets_split (split)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_prepare_demo)
     return p

@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .losses import ADVANTAGES, AGGREGATIONS, DISTRIBUTION_DIVERGENCES, F_DIVERGENCES, KD_ESTIMATORS, KD_MASKS, \
     KD_NORMS, SCHEDULES
+from .rewards import BUILTIN as BUILTIN_REWARDS
 
-BUILTIN_REWARDS = ("exact_match", "math")
 
 
 class ConfigError(ValueError):
@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    name: str = "exact_match"  # a built-in reward: exact_match | math
+    name: str = "exact_match"  # a built-in reward: exact_match | math | split_sum (the split demo)
     function: Optional[str] = None  # or "module:function" taking (prompt, completion, answer) -> float
     timeout_s: float = 10.0
     # cap on the reward process's data memory (RLIMIT_DATA); a sample that overruns it
@@ -313,7 +313,7 @@ def validate(cfg: Config) -> None:
     _choice("run.resume", run.resume, ("never", "auto"))
     _check(data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     if reward.function is None:
-        _choice("reward.name", reward.name, BUILTIN_REWARDS)
+        _choice("reward.name", reward.name, tuple(BUILTIN_REWARDS))
     else:
         mod, _, fn = reward.function.partition(":")
         _check(bool(mod) and bool(fn), "reward.function", f"must look like 'module:function', got {reward.function!r}")

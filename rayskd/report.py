@@ -4,11 +4,15 @@ Six panels, every run overlaid and labelled: training reward, held-out pass@1 an
 (the largest k evaluated; greedy accuracy, dotted, for runs evaluated without samples), teacher divergence, response length,
 policy entropy, and the mean seconds per step of each phase (generate, teacher scoring,
 learner update, weight sync) as grouped bars. Reads metrics.jsonl and eval.jsonl only.
+
+Seeds of one method (directories METHOD/seed0, METHOD/seed1, ... or METHOD-seed0, ...) are
+drawn as one line, their mean at each step, with a band from the lowest to the highest seed.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 from .preflight import UsageError
 
@@ -29,9 +33,36 @@ def labels_for(run_dirs: list[str]) -> list[str]:
             for d, n in zip(run_dirs, names)]
 
 
+SEED = re.compile(r"[-_/]seed\d+$")
+
+
+def group_seeds(labels: list[str]) -> dict[str, list[int]]:
+    """Method label -> the indices of its runs: labels that differ only in a seed suffix
+    (`grpo/seed0`, `grpo/seed1`) form one group named `grpo`; any other label is its own."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(SEED.sub("", label), []).append(i)
+    return groups
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _band(record_lists: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps every run has `key` at, and the mean, lowest and highest value there."""
+    per_run = [dict(zip(*_series(records, key))) for records in record_lists]
+    steps = sorted(set.intersection(*(set(run) for run in per_run))) if per_run else []
+    values = [[run[s] for run in per_run] for s in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def _plot(ax, record_lists, key, color, label, **style):
+    steps, mean, low, high = _band(record_lists, key)
+    ax.plot(steps, mean, color=color, label=label, **style)
+    if len(record_lists) > 1:
+        ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
 
 
 def _largest_k(evals: list[dict]) -> str | None:
@@ -48,8 +79,12 @@ def make_report(run_dirs: list[str], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(label, read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl")))
-            for label, d in zip(labels_for(run_dirs), run_dirs)]
+    labels = labels_for(run_dirs)
+    runs = []  # (label, [metrics of each seed], [evals of each seed])
+    for name, members in group_seeds(labels).items():
+        label = f"{name} ({len(members)} seeds)" if len(members) > 1 else labels[members[0]]
+        runs.append((label, [read_jsonl(os.path.join(run_dirs[i], "metrics.jsonl")) for i in members],
+                     [read_jsonl(os.path.join(run_dirs[i], "eval.jsonl")) for i in members]))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     panels = ((axes[0, 0], "reward_mean", "training reward (mean)"),
@@ -59,15 +94,16 @@ def make_report(run_dirs: list[str], out: str) -> str:
     for i, (label, metrics, evals) in enumerate(runs):
         color = colors[i % len(colors)]
         for ax, key, _ in panels:
-            ax.plot(*_series(metrics, key), color=color, label=label, linewidth=1.4)
+            _plot(ax, metrics, key, color, label, linewidth=1.4)
         ax = axes[0, 1]
-        if any("pass@1" in r for r in evals):
-            ax.plot(*_series(evals, "pass@1"), color=color, marker="o", label=f"{label} pass@1")
-            if (k := _largest_k(evals)) is not None:
-                ax.plot(*_series(evals, k), color=color, marker="s", linestyle="--", label=f"{label} {k}")
-        else:  # evaluations without samples (or a run older than eval.jsonl): greedy accuracy
-            greedy = _series(evals, "greedy_accuracy") if evals else _series(metrics, "eval_accuracy")
-            ax.plot(*greedy, color=color, marker="o", linestyle=":", label=f"{label} greedy")
+        if all(any("pass@1" in r for r in e) for e in evals):
+            _plot(ax, evals, "pass@1", color, f"{label} pass@1", marker="o")
+            if (k := _largest_k(evals[0])) is not None:
+                _plot(ax, evals, k, color, f"{label} {k}", marker="s", linestyle="--")
+        elif all(evals):  # evaluations without samples: greedy accuracy
+            _plot(ax, evals, "greedy_accuracy", color, f"{label} greedy", marker="o", linestyle=":")
+        else:  # a run older than eval.jsonl
+            _plot(ax, metrics, "eval_accuracy", color, f"{label} greedy", marker="o", linestyle=":")
     for ax, _, title in panels:
         ax.set_title(title)
     axes[0, 1].set_title("held-out pass@1 (solid), pass@k (dashed)")
@@ -75,7 +111,8 @@ def make_report(run_dirs: list[str], out: str) -> str:
     ax = axes[1, 2]
     width = 0.8 / max(len(runs), 1)
     for i, (label, metrics, _) in enumerate(runs):
-        means = [sum(r.get(key) or 0.0 for r in metrics) / max(len(metrics), 1) for key, _ in PHASES]
+        records = [r for seed in metrics for r in seed]
+        means = [sum(r.get(key) or 0.0 for r in records) / max(len(records), 1) for key, _ in PHASES]
         ax.bar([p + i * width for p in range(len(PHASES))], means, width, label=label, color=colors[i % len(colors)])
     ax.set_xticks([p + 0.4 - width / 2 for p in range(len(PHASES))], [name for _, name in PHASES])
     ax.set_title("seconds per step, by phase (mean)")

@@ -60,3 +60,28 @@ def test_summary_of_an_evaluation():
 def test_greedy_only_evaluation_has_no_pass_at_k():
     out = summarize_eval(EvalRows(greedy_reward=[0.0, 1.0], greedy_len=[1, 1]), (1, 4))
     assert out["greedy_accuracy"] == 0.5 and not any(key.startswith("pass@") for key in out)
+
+
+def test_report_draws_the_seeds_of_a_method_as_one_band(tmp_path):
+    """`rayskd report` on METHOD/seedK directories: one line (the mean) per method."""
+    import json
+
+    from rayskd.report import _band, group_seeds, make_report
+
+    labels = ["grpo/seed0", "grpo/seed1", "kdrl/seed0", "kdrl-seed1", "baseline"]
+    assert group_seeds(labels) == {"grpo": [0, 1], "kdrl": [2, 3], "baseline": [4]}
+    a = [{"step": 0, "pass@1": 0.1}, {"step": 20, "pass@1": 0.5}]
+    b = [{"step": 0, "pass@1": 0.3}, {"step": 20, "pass@1": 0.7}, {"step": 40, "pass@1": 0.9}]
+    steps, mean, low, high = _band([a, b], "pass@1")
+    assert steps == [0, 20] and mean == pytest.approx([0.2, 0.6]) and low == [0.1, 0.5] and high == [0.3, 0.7]
+    dirs = []
+    for method in ("grpo", "kdrl"):
+        for seed, records in enumerate((a, b)):
+            d = tmp_path / method / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "eval.jsonl").write_text("".join(json.dumps({**r, "pass@8": r["pass@1"] + 0.1}) + "\n" for r in records))
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward_mean": 0.5, "step_s": 1.0}) + "\n"
+                                                     for s in (1, 2)))
+            dirs.append(str(d))
+    out = make_report(dirs, str(tmp_path / "r.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,10 @@
-"""The built-in demo: a verifiable arithmetic task, a character-level tokenizer and two
+"""The built-in demos: a verifiable task, a character-level tokenizer and two
 Qwen2-architecture models (teacher, student) trained here by supervised fine-tuning.
 
-No network, no model hub. Deterministic for a seed; cached by a fingerprint of the recipe.
+Two tasks (`rayskd prepare-demo --task NAME`): `arith`, two-digit addition with one right
+answer (this module), and `split`, writing a number as a carry-free sum with many right
+answers (demo_split.py). No network, no model hub. Deterministic for a seed; cached by a
+fingerprint of the recipe.
 """
 from __future__ import annotations
 
@@ -128,30 +131,43 @@ def sft(model, tok, rows, steps: int, batch_size: int, lr: float, seed: int, log
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, rows, max_new_tokens: int = 5, batch_size: int = 512) -> float:
-    """Exact-match accuracy of greedy decoding (prompts left-padded, KV-cached generate)."""
+def decode(model, tok, prompts, max_new_tokens: int, samples: int = 0, batch_size: int = 512, seed: int = 0):
+    """Greedy (samples=0) or `samples` sampled completions at temperature 1 per prompt
+    (prompts left-padded, KV-cached generate), as text cut at EOS: a list per prompt."""
     eos_id = tok.eos_token_id
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        enc = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in chunk]
+    torch.manual_seed(seed)
+    out_texts = []
+    for start in range(0, len(prompts), batch_size):
+        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
         T = max(map(len, enc))
         ids = torch.full((len(enc), T), eos_id)
         attn = torch.zeros(len(enc), T, dtype=torch.long)
         for i, e in enumerate(enc):
             ids[i, T - len(e):] = torch.tensor(e)
             attn[i, T - len(e):] = 1
-        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos_id, pad_token_id=eos_id)
-        for r, o in zip(chunk, out[:, T:].tolist()):
-            if eos_id in o:
-                o = o[: o.index(eos_id)]
-            correct += int(tok.decode(o).strip() == r["answer"])
-    return correct / max(len(rows), 1)
+        n = max(samples, 1)
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                             do_sample=samples > 0, temperature=1.0 if samples else None, top_p=None, top_k=None,
+                             num_return_sequences=n, eos_token_id=eos_id, pad_token_id=eos_id)
+        texts = []
+        for o in out[:, T:].tolist():
+            texts.append(tok.decode(o[: o.index(eos_id)] if eos_id in o else o))
+        out_texts += [texts[i * n:(i + 1) * n] for i in range(len(enc))]
+    return out_texts
 
 
-def fingerprint(seed: int) -> str:
-    return hashlib.sha256(json.dumps({"seed": seed, **RECIPE}, sort_keys=True).encode()).hexdigest()[:16]
+def exact(row, text: str) -> bool:
+    return text.strip() == row["answer"]
+
+
+def greedy_accuracy(model, tok, rows, max_new_tokens: int = 5, batch_size: int = 512, solves=exact) -> float:
+    """Share of `rows` whose greedy completion `solves(row, text)` (exact match by default)."""
+    texts = decode(model, tok, [r["prompt"] for r in rows], max_new_tokens, batch_size=batch_size)
+    return sum(solves(r, t[0]) for r, t in zip(rows, texts)) / max(len(rows), 1)
+
+
+def fingerprint(seed: int, recipe: dict = RECIPE) -> str:
+    return hashlib.sha256(json.dumps({"seed": seed, **recipe}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_jsonl(path: str, rows) -> None:
@@ -160,11 +176,24 @@ def write_jsonl(path: str, rows) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def prepare_demo(out_dir: str, seed: int = 0, log=print) -> dict:
-    """Write DIR/{train,eval}.jsonl, DIR/teacher, DIR/student, DIR/report.json. Cached."""
+def tasks() -> dict:
+    """name -> (recipe, build(tmp_dir, fingerprint, seed, log) -> report)."""
+    from . import demo_split
+
+    return {"arith": (RECIPE, _build), "split": (demo_split.RECIPE, demo_split.build)}
+
+
+TASK_NAMES = ("arith", "split")
+DEFAULT_OUT = {"arith": "demo_assets", "split": "demo_assets_split"}
+
+
+def prepare_demo(out_dir: str, seed: int = 0, log=print, task: str = "arith") -> dict:
+    """Write DIR/{train,eval}.jsonl, DIR/teacher, DIR/student, DIR/report.json for `task`.
+    Cached."""
+    recipe, build = tasks()[task]
     out_dir = os.path.abspath(out_dir)
     report_path = os.path.join(out_dir, "report.json")
-    fp = fingerprint(seed)
+    fp = fingerprint(seed, recipe)
     if os.path.isfile(report_path):
         with open(report_path) as f:
             report = json.load(f)
@@ -177,7 +206,7 @@ def prepare_demo(out_dir: str, seed: int = 0, log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with pinned_numerics():
-        report = _build(tmp, fp, seed, log)
+        report = build(tmp, fp, seed, log)
     report["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

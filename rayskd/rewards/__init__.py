@@ -58,7 +58,16 @@ def math(prompt: str, completion: str, answer: str) -> float:
     return float(verify(gold, pred, timeout_seconds=None))
 
 
-BUILTIN = {"exact_match": exact_match, "math": math}
+def split_sum(prompt: str, completion: str, answer: str) -> float:
+    """The `split` demo: 1.0 when the completion is `A+B`, both with as many digits as the
+    answer N, and A + B = N (any split is right, carries included)."""
+    a, plus, b = completion.strip().partition("+")
+    n = str(answer).strip()
+    ok = plus and len(a) == len(b) == len(n) and (a + b + n).isdigit() and int(a) + int(b) == int(n)
+    return float(bool(ok))
+
+
+BUILTIN = {"exact_match": exact_match, "math": math, "split_sum": split_sum}
 
 
 def load_reward(name: str, function: str | None = None) -> RewardFn:

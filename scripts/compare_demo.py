@@ -1,0 +1,169 @@
+"""Benchmark (not a test): the training methods side by side on a built-in demo task, at the
+same budget (the task's config: steps, prompts, samples, learning rate), each with several
+seeds, one after another on this machine.
+
+    ./scripts/compare_demo.sh --task split --seeds 3      # or: python scripts/compare_demo.py ...
+
+Methods (overrides of the task's config; nothing else differs):
+  grpo              GRPO only                                algorithm.kd.coef=0
+  distill_rkl       on-policy distillation only, reverse KL  algorithm.pg_coef=0
+  kdrl              KDRL: GRPO + k2 reverse KL to the teacher (the config as it is)
+  kdrl_anneal_mask  KDRL, the coefficient annealed linearly from kd.coef to a tenth of it
+                    over the run, the teacher term on failed responses only (incorrect_only)
+  dph_fkl           GRPO + DPH-RL rehearsal, forward KL to the initial student (coef 0.05)
+  dph_js            GRPO + DPH-RL rehearsal, Jensen-Shannon (coef 0.2)
+The rehearsal coefficients are the top of DPH-RL's reported ranges (forward KL 0.01-0.05,
+JS 0.05-0.2). Its data (`rayskd presample`, once, seed 0, the first --presample-prompts
+training prompts): the initial student's correct responses among 8 per prompt, kept for
+prompts it solved at least --min-correct times. DPH-RL keeps prompts solved 8 of 8 times;
+the split student solves almost none that reliably (its sampled rewards are sparse by
+design: of 4000 prompts, 27 are solved 4 or more times of 8, none 8 of 8), so the default
+here keeps every correct response: the rehearsal covers all the initial student could solve.
+
+Writes benchmarks/compare_TASK.json: the initial student's held-out pass@k, and per method
+the final pass@k of each seed, mean and spread (max - min) by step, and training seconds;
+and benchmarks/compare_TASK.png (`rayskd report`, seeds drawn as a band).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"arith": "configs/demo.yaml", "split": "configs/demo_split.yaml"}
+ASSETS = {"arith": "demo_assets", "split": "demo_assets_split"}
+METHODS = ("grpo", "distill_rkl", "kdrl", "kdrl_anneal_mask", "dph_fkl", "dph_js")
+LABELS = {"grpo": "GRPO only", "distill_rkl": "distillation only (reverse KL)", "kdrl": "KDRL (GRPO + k2 reverse KL)",
+          "kdrl_anneal_mask": "KDRL, annealed + reward-guided mask", "dph_fkl": "GRPO + DPH-RL forward KL",
+          "dph_js": "GRPO + DPH-RL JS"}
+KEYS = ("greedy_accuracy", "pass@1", "pass@4", "pass@8")
+
+
+def overrides(method: str, steps: int, coef: float, rehearsal_data: str) -> list[str]:
+    rehearsal = [f"algorithm.rehearsal.data_path={rehearsal_data}", "algorithm.kd.coef=0"]
+    return {
+        "grpo": ["algorithm.kd.coef=0"],
+        "distill_rkl": ["algorithm.pg_coef=0"],
+        "kdrl": [],
+        "kdrl_anneal_mask": ["algorithm.kd.schedule=linear", f"algorithm.kd.coef_min={coef / 10}",
+                             f"algorithm.kd.decay={0.9 * coef / steps}", "algorithm.kd.mask=incorrect_only"],
+        "dph_fkl": [*rehearsal, "algorithm.rehearsal.divergence=forward_kl", "algorithm.rehearsal.coef=0.05"],
+        "dph_js": [*rehearsal, "algorithm.rehearsal.divergence=js", "algorithm.rehearsal.coef=0.2"],
+    }[method]
+
+
+def rayskd(*args: str, quiet: bool = False) -> None:
+    cmd = [sys.executable, "-m", "rayskd", *args]
+    print("$ rayskd " + " ".join(args), flush=True)
+    out = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in out.stdout.splitlines():
+        if not quiet or "eval at step" in line or "[presample]" in line:
+            print("   " + line, flush=True)
+    if out.returncode != 0:
+        print(out.stdout[-3000:], file=sys.stderr)
+        raise SystemExit(f"rayskd {args[0]} failed with exit status {out.returncode}")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(run_dirs: list[str]) -> dict:
+    """One method over its seeds: final numbers per seed, mean and spread by step."""
+    evals = [read_jsonl(os.path.join(d, "eval.jsonl")) for d in run_dirs]
+    metrics = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in run_dirs]
+    steps = sorted(set.intersection(*({e["step"] for e in per} for per in evals)))
+    by_step = {}
+    for step in steps:
+        at = [next(e for e in per if e["step"] == step) for per in evals]
+        by_step[step] = {k: {"mean": statistics.fmean(e[k] for e in at), "spread": max(e[k] for e in at) - min(e[k] for e in at)}
+                         for k in KEYS if k in at[0]}
+    return {"final": {k: [per[-1][k] for per in evals] for k in KEYS if k in evals[0][-1]},
+            "by_step": by_step,
+            "train_s": [round(sum(r["step_s"] for r in per), 1) for per in metrics]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=sorted(CONFIGS), default="split")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--min-correct", type=int, default=1,
+                   help="DPH-RL: keep a prompt's presampled responses when it solved at least this many of 8")
+    p.add_argument("--presample-prompts", type=int, default=4000, help="DPH-RL: presample this many training prompts")
+    p.add_argument("--out", help="default: benchmarks/compare_TASK.json (and .png beside it)")
+    p.add_argument("extra", nargs="*", help="key=value overrides for every run")
+    args = p.parse_args()
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        p.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    sys.path.insert(0, ROOT)
+    from rayskd.config import load_config
+
+    config = CONFIGS[args.task]
+    cfg = load_config(os.path.join(ROOT, config), args.extra)
+    out = args.out or os.path.join(ROOT, "benchmarks", f"compare_{args.task}.json")
+    base = os.path.join("runs", f"compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    rayskd("prepare-demo", "--task", args.task)
+    rehearsal_data = os.path.join(base, "rehearsal.jsonl")
+    if {"dph_fkl", "dph_js"} & set(methods):
+        rayskd("presample", config, f"algorithm.rehearsal.data_path={rehearsal_data}",
+               f"algorithm.rehearsal.presample_min_correct={args.min_correct}", "--max-prompts",
+               str(args.presample_prompts), *args.extra, quiet=True)
+    runs, dirs, t0 = {}, {}, time.time()
+    for method in methods:
+        dirs[method] = []
+        for seed in range(args.seeds):
+            run_dir = os.path.join(base, method, f"seed{seed}")
+            rayskd("train", config, f"run.output_dir={run_dir}", f"run.seed={seed}",
+                   *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *args.extra, quiet=True)
+            dirs[method].append(os.path.join(ROOT, run_dir))
+        runs[method] = {"label": LABELS[method], "overrides": overrides(method, cfg.run.steps, cfg.algorithm.kd.coef,
+                                                                         rehearsal_data), **summarize(dirs[method])}
+    initial = [read_jsonl(os.path.join(d, "eval.jsonl"))[0] for per in dirs.values() for d in per]
+    with open(os.path.join(ROOT, ASSETS[args.task], "report.json")) as f:
+        assets = json.load(f)
+    result = {
+        "task": args.task, "config": config, "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds,
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}", "overrides": args.extra,
+        "steps": cfg.run.steps, "prompts_per_step": cfg.algorithm.prompts_per_step,
+        "samples_per_prompt": cfg.rollout.samples_per_prompt, "eval_problems": initial[0]["problems"],
+        "eval_samples": initial[0].get("samples_per_problem", 0),
+        "teacher": {k: assets[k] for k in ("teacher_accuracy", "teacher_sampled_accuracy") if k in assets},
+        # every run evaluates the same initial student at step 0 (its own sampling seed): the mean
+        "initial": {k: statistics.fmean(e[k] for e in initial) for k in KEYS if k in initial[0]},
+        "initial_spread": {k: max(e[k] for e in initial) - min(e[k] for e in initial) for k in KEYS if k in initial[0]},
+        "runs": runs, "wall_s": round(time.time() - t0, 1),
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    picture = os.path.splitext(out)[0] + ".png"
+    rayskd("report", *[d for method in methods for d in dirs[method]], "--out", picture)
+    print(table(result))
+    print(f"\n{out}\n{picture}")
+    return 0
+
+
+def table(result: dict) -> str:
+    """The README's table: the final held-out numbers, mean ± spread/2 over seeds."""
+    keys = [k for k in KEYS if k in result["initial"]]
+    lines = [f"| {result['task']}, step {result['steps']}, {result['seeds']} seeds | " + " | ".join(keys) + " | training s |",
+             "|---" * (len(keys) + 2) + "|",
+             "| initial student | " + " | ".join(f"{result['initial'][k]:.3f}" for k in keys) + " | |"]
+    for method, run in result["runs"].items():
+        cells = [f"{statistics.fmean(run['final'][k]):.3f} [{min(run['final'][k]):.3f}, {max(run['final'][k]):.3f}]"
+                 for k in keys]
+        lines.append(f"| {run['label']} (`{method}`) | " + " | ".join(cells) + f" | {statistics.fmean(run['train_s']):.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
