@@ -21,8 +21,10 @@ design: of 4000 prompts, 27 are solved 4 or more times of 8, none 8 of 8), so th
 here keeps every correct response: the rehearsal covers all the initial student could solve.
 
 Writes benchmarks/compare_TASK.json: the initial student's held-out pass@k, and per method
-the final pass@k of each seed, mean and spread (max - min) by step, and training seconds;
-and benchmarks/compare_TASK.png (`rayskd report`, seeds drawn as a band).
+the final pass@k of each seed, mean and spread (max - min) by step, and training seconds
+(for split also how each final model uses the student's misconceived facts:
+rayskd.data.demo_split.fact_usage); and benchmarks/compare_TASK.png (`rayskd report`, seeds
+drawn as a band). `--from runs/compare-TASK-STAMP` summarises runs already made.
 """
 from __future__ import annotations
 
@@ -90,6 +92,15 @@ def summarize(run_dirs: list[str]) -> dict:
             "train_s": [round(sum(r["step_s"] for r in per), 1) for per in metrics]}
 
 
+def facts(model_dir: str) -> dict:
+    """rayskd.data.demo_split.fact_usage on the split task's held-out problems."""
+    from rayskd.data.demo_split import fact_usage
+
+    with open(os.path.join(ROOT, ASSETS["split"], "eval.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {k: round(v, 4) for k, v in fact_usage(model_dir, rows).items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(CONFIGS), default="split")
@@ -99,6 +110,7 @@ def main() -> int:
                    help="DPH-RL: keep a prompt's presampled responses when it solved at least this many of 8")
     p.add_argument("--presample-prompts", type=int, default=4000, help="DPH-RL: presample this many training prompts")
     p.add_argument("--out", help="default: benchmarks/compare_TASK.json (and .png beside it)")
+    p.add_argument("--from", dest="from_dir", help="summarise the runs in this directory instead of training")
     p.add_argument("extra", nargs="*", help="key=value overrides for every run")
     args = p.parse_args()
     methods = args.methods.split(",")
@@ -110,10 +122,11 @@ def main() -> int:
     config = CONFIGS[args.task]
     cfg = load_config(os.path.join(ROOT, config), args.extra)
     out = args.out or os.path.join(ROOT, "benchmarks", f"compare_{args.task}.json")
-    base = os.path.join("runs", f"compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    rayskd("prepare-demo", "--task", args.task)
+    base = args.from_dir or os.path.join("runs", f"compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.from_dir:
+        rayskd("prepare-demo", "--task", args.task)
     rehearsal_data = os.path.join(base, "rehearsal.jsonl")
-    if {"dph_fkl", "dph_js"} & set(methods):
+    if {"dph_fkl", "dph_js"} & set(methods) and not args.from_dir:
         rayskd("presample", config, f"algorithm.rehearsal.data_path={rehearsal_data}",
                f"algorithm.rehearsal.presample_min_correct={args.min_correct}", "--max-prompts",
                str(args.presample_prompts), *args.extra, quiet=True)
@@ -122,11 +135,14 @@ def main() -> int:
         dirs[method] = []
         for seed in range(args.seeds):
             run_dir = os.path.join(base, method, f"seed{seed}")
-            rayskd("train", config, f"run.output_dir={run_dir}", f"run.seed={seed}",
-                   *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *args.extra, quiet=True)
+            if not args.from_dir:
+                rayskd("train", config, f"run.output_dir={run_dir}", f"run.seed={seed}",
+                       *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *args.extra, quiet=True)
             dirs[method].append(os.path.join(ROOT, run_dir))
         runs[method] = {"label": LABELS[method], "overrides": overrides(method, cfg.run.steps, cfg.algorithm.kd.coef,
                                                                          rehearsal_data), **summarize(dirs[method])}
+        if args.task == "split":
+            runs[method]["facts"] = [facts(os.path.join(d, "final")) for d in dirs[method]]
     initial = [read_jsonl(os.path.join(d, "eval.jsonl"))[0] for per in dirs.values() for d in per]
     with open(os.path.join(ROOT, ASSETS[args.task], "report.json")) as f:
         assets = json.load(f)
@@ -140,8 +156,11 @@ def main() -> int:
         # every run evaluates the same initial student at step 0 (its own sampling seed): the mean
         "initial": {k: statistics.fmean(e[k] for e in initial) for k in KEYS if k in initial[0]},
         "initial_spread": {k: max(e[k] for e in initial) - min(e[k] for e in initial) for k in KEYS if k in initial[0]},
-        "runs": runs, "wall_s": round(time.time() - t0, 1),
+        "runs": runs, "wall_s": None if args.from_dir else round(time.time() - t0, 1),
     }
+    if args.task == "split":
+        result["initial_facts"] = facts(os.path.join(ROOT, ASSETS["split"], "student"))
+        result["teacher_facts"] = facts(os.path.join(ROOT, ASSETS["split"], "teacher"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
@@ -162,6 +181,15 @@ def table(result: dict) -> str:
         cells = [f"{statistics.fmean(run['final'][k]):.3f} [{min(run['final'][k]):.3f}, {max(run['final'][k]):.3f}]"
                  for k in keys]
         lines.append(f"| {run['label']} (`{method}`) | " + " | ".join(cells) + f" | {statistics.fmean(run['train_s']):.0f} |")
+    if "initial_facts" in result:
+        lines += ["", "| split: sampled answers (8 per held-out problem) | pairs on a misconceived fact | b right there "
+                  "| b right elsewhere | distinct right answers / problem |", "|---|---|---|---|---|"]
+        rows = [("initial student", [result["initial_facts"]]), ("teacher", [result["teacher_facts"]])]
+        rows += [(f"`{method}`", run["facts"]) for method, run in result["runs"].items()]
+        for name, per_seed in rows:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{statistics.fmean(f[k] for f in per_seed):.3f}"
+                for k in ("misconceived_share", "misconceived_right", "other_right", "distinct_right")) + " |")
     return "\n".join(lines)
 
 

@@ -73,3 +73,40 @@ def test_demo_models_do_not_depend_on_the_callers_default_dtype(tmp_path):
 
     a, b = sft_weights(tmp_path, torch.float32), sft_weights(tmp_path, torch.float64)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_split_task_builds_and_trains_end_to_end(tmp_path, no_leftover_engines):
+    """Issue 14: the split demo's pipeline on a small recipe (the real one takes ~3 min):
+    files, report, tokenizer; then two KDRL steps on it through configs/demo_split.yaml, with
+    the split_sum reward scoring rollouts and the held-out pass@k."""
+    from transformers import AutoTokenizer
+
+    from rayskd.data import demo, demo_split
+    from test_system import metrics, rayskd
+
+    small = {**demo_split.RECIPE, "n_train": 300, "n_eval": 16, "teacher_steps": 30, "student_steps": 30,
+             "batch_size": 32}
+    out = tmp_path / "assets"
+    out.mkdir()
+    with demo.pinned_numerics():
+        report = demo_split.build(str(out), "fp", 0, lambda m: None, small)
+    assert report["train_size"] == 300 and report["eval_size"] == 16
+    assert 0 < report["student_wrong_facts"] < report["facts"] == 54
+    for key in ("teacher_accuracy", "teacher_sampled_accuracy", "student_accuracy", "student_sampled_accuracy"):
+        assert 0.0 <= report[key] <= 1.0
+    row = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    assert row["prompt"] == row["answer"] + "=" and len(row["answer"]) == 6 and "0" not in row["answer"]
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    assert len(tok("385172=102050+283122", add_special_tokens=False)["input_ids"]) == 20
+
+    run = tmp_path / "run"
+    r = rayskd("train", "configs/demo_split.yaml", "run.steps=2", "run.eval_every=0", "run.eval_samples=4",
+               "run.eval_k=[1,4]", "learner.world_size=1", "algorithm.prompts_per_step=8", f"run.output_dir={run}",
+               f"data.train_path={out / 'train.jsonl'}", f"data.eval_path={out / 'eval.jsonl'}",
+               f"student.path={out / 'student'}", f"teacher.path={out / 'teacher'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = metrics(run)
+    assert [m["step"] for m in recs] == [1, 2]
+    assert all(m["reward_errors"] == 0 and m["response_len_mean"] > 0 and m["kd_divergence"] > 0 for m in recs)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and all(e["problems"] == 16 and "pass@4" in e for e in evals)

@@ -32,7 +32,6 @@ RECIPE = dict(task="split", version=1, digits=6, n_train=20000, n_eval=256, wron
               splits_per_problem=2, teacher=demo.TEACHER, student=demo.STUDENT, teacher_steps=600,
               teacher_lr=2e-3, student_steps=400, student_lr=3e-3, batch_size=128, teacher_label_smoothing=0.01,
               student_label_smoothing=0.0)
-MAX_NEW_TOKENS = 2 * RECIPE["digits"] + 2  # A + B + EOS, and one spare
 
 
 def problems(seed: int, digits: int, n_train: int, n_eval: int):
@@ -75,12 +74,13 @@ def solves(row, text: str) -> bool:
 
 
 def sampled_solve_rate(model, tok, rows, samples: int = 8) -> float:
-    texts = demo.decode(model, tok, [r["prompt"] for r in rows], MAX_NEW_TOKENS, samples=samples)
+    max_new_tokens = 2 * len(rows[0]["answer"]) + 2  # A + B + EOS, and one spare
+    texts = demo.decode(model, tok, [r["prompt"] for r in rows], max_new_tokens, samples=samples)
     return sum(solves(r, t) for r, per in zip(rows, texts) for t in per) / max(len(rows) * samples, 1)
 
 
-def build(tmp: str, fp: str, seed: int, log) -> dict:
-    R = RECIPE
+def build(tmp: str, fp: str, seed: int, log, recipe: dict = RECIPE) -> dict:
+    R = recipe
     train, evals = problems(seed, R["digits"], R["n_train"], R["n_eval"])
     demo.write_jsonl(os.path.join(tmp, "train.jsonl"), train)
     demo.write_jsonl(os.path.join(tmp, "eval.jsonl"), evals)
@@ -99,10 +99,46 @@ def build(tmp: str, fp: str, seed: int, log) -> dict:
         demo.sft(model, tok, rows, R[f"{name}_steps"], R["batch_size"], R[f"{name}_lr"], mseed, log, name,
                  R[f"{name}_label_smoothing"])
         model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
-        report[f"{name}_accuracy"] = demo.greedy_accuracy(model, tok, evals, MAX_NEW_TOKENS, solves=solves)
+        report[f"{name}_accuracy"] = demo.greedy_accuracy(model, tok, evals, 2 * R["digits"] + 2, solves=solves)
         report[f"{name}_sampled_accuracy"] = sampled_solve_rate(model, tok, evals)
         report[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         report[f"{name}_sft_steps"] = R[f"{name}_steps"]
         log(f"[prepare-demo] {name}: held-out accuracy greedy {report[f'{name}_accuracy']:.3f}, "
             f"sampled (temperature 1) {report[f'{name}_sampled_accuracy']:.3f}")
     return report
+
+
+def fact_usage(model_dir: str, rows, seed: int = 0, samples: int = 8) -> dict:
+    """How a model's sampled answers use the student's misconceived facts (recipe's seed 0):
+    the share of digit pairs whose (x, a) is one the initial student has wrong
+    (`misconceived_share`; 0.31 if a were uniform), how often b is right on those pairs
+    (`misconceived_right`; the initial student ~0) and on the others (`other_right`), and the
+    mean number of distinct right answers per problem among the samples (`distinct_right`).
+    Tells a policy that learned the facts from one that routes around them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wrong = misconceptions(3, RECIPE["wrong_fraction"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with demo.pinned_numerics():
+        texts = demo.decode(model, tok, [r["prompt"] for r in rows], 2 * len(rows[0]["answer"]) + 2, samples=samples,
+                            seed=seed)
+    pairs = {True: [0, 0], False: [0, 0]}  # misconceived -> [pairs, right b]
+    distinct = 0
+    for row, per in zip(rows, texts):
+        distinct += len({t.strip() for t in per if solves(row, t)})
+        for text in per:
+            a, plus, b = text.strip().partition("+")
+            if not plus or len(a) != len(b) or len(a) != len(row["answer"]) or not (a + b).isdigit():
+                continue
+            for x, ai, bi in zip(map(int, row["answer"]), map(int, a), map(int, b)):
+                if ai <= x:
+                    counts = pairs[(x, ai) in wrong]
+                    counts[0] += 1
+                    counts[1] += bi == x - ai
+    total = pairs[True][0] + pairs[False][0]
+    return {"misconceived_share": pairs[True][0] / max(total, 1),
+            "misconceived_right": pairs[True][1] / max(pairs[True][0], 1),
+            "other_right": pairs[False][1] / max(pairs[False][0], 1),
+            "distinct_right": distinct / max(len(rows), 1)}
