@@ -126,6 +126,20 @@ def init_process_group(backend: str, addr: str, port: int, rank: int, world_size
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
+def skip_cpu_shm_comm_op() -> None:
+    """On a CPU accelerator, DeepSpeed's communication backend first compiles a C++
+    shared-memory all-reduce (deepspeed_shm_comm_op: ~40 s on a fresh machine, a ninja check
+    and a load on a warm one, in every rank). It serves only `inference_all_reduce`, which
+    training never calls, so the learners go without it (gloo does their collectives)."""
+    import importlib
+    import sys
+
+    importlib.import_module("deepspeed.comm.torch")
+    # by module name: `import deepspeed.comm.torch as m` gives the torch library (the package
+    # re-exports comm.py's names, `torch` among them)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
 class Learner:
     def __init__(self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int):
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
@@ -140,6 +154,8 @@ class Learner:
         import deepspeed
 
         backend = "nccl" if self.gpu else "gloo"
+        if not self.gpu:
+            skip_cpu_shm_comm_op()
         init_process_group(backend, master_addr, master_port, rank, world_size)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
         torch.manual_seed(spec.seed)
