@@ -4,7 +4,9 @@
     python scripts/bench_peers.py [--settings demo,long,teacher_heavy] [--engines ...]
 
 Engines: rayskd (the CLI, configs/demo.yaml with the setting's overrides and
-algorithm.max_staleness=1), rayskd_sequential (the same, strictly on-policy with an fp32
+algorithm.max_staleness=1, two learner ranks), rayskd_one_learner (the same with one learner
+rank: on a 2-core machine a second rank adds a gloo all-reduce and a process competing for
+the same cores), rayskd_sequential (two ranks, strictly on-policy with an fp32
 teacher: how rayskd ran before the pipeline), TRL's
 DistillationTrainer (on-policy, beta=1: reverse KL), GKDTrainer (lmbda=1: on-policy, beta=1)
 and GRPOTrainer (no teacher), all with HF generate in one process, fp32 on CPU. Every engine
@@ -60,6 +62,7 @@ SETTINGS = {
 # pipeline (strictly on-policy, fp32 teacher) for the before/after ratio in the same run
 RAYSKD_VARIANTS = {
     "rayskd": ["algorithm.max_staleness=1"],
+    "rayskd_one_learner": ["algorithm.max_staleness=1", "learner.world_size=1"],
     "rayskd_sequential": ["algorithm.max_staleness=0", "teacher.dtype=float32"],
 }
 ENGINES = (*RAYSKD_VARIANTS, "trl_distillation", "trl_gkd", "trl_grpo")
