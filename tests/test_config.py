@@ -1,5 +1,6 @@
 """The typed config: defaults, YAML + overrides, read-only, and one-line errors naming the key."""
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -10,13 +11,20 @@ from rayskd.config import Config, ConfigError, load_config, to_yaml
 DEMO = "configs/demo.yaml"
 
 
-def test_demo_config_loads_with_all_sections():
-    cfg = load_config(DEMO)
+def test_demo_config_loads_with_all_sections(tmp_path, monkeypatch):
+    # relative model paths that exist are directories (an `org/name` that exists nowhere is a
+    # Hugging Face id): give the demo's a place, whether or not the demo has been prepared
+    for role in ("student", "teacher"):
+        (tmp_path / "demo_assets" / role).mkdir(parents=True)
+    demo = os.path.abspath(DEMO)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(demo)
     assert isinstance(cfg, Config)
     for section in ("run", "data", "reward", "student", "teacher", "rollout", "learner", "algorithm"):
         assert dataclasses.is_dataclass(getattr(cfg, section))
     assert cfg.algorithm.kd.divergence == "reverse_kl" and cfg.algorithm.rehearsal.coef == 0.0
-    assert cfg.student.path.startswith("/")  # relative paths resolved against the working directory
+    # relative paths resolved against the working directory
+    assert cfg.student.path == str(tmp_path / "demo_assets" / "student")
 
 
 def test_overrides_and_read_only():
