@@ -47,6 +47,11 @@ def split_prompts(prompts: PromptBatch, count: int) -> list[PromptBatch]:
             for a, b in zip(bounds, bounds[1:])]
 
 
+def merge_prompts(parts: list[PromptBatch]) -> PromptBatch:
+    """The prompt batches `parts`, one after another (split_prompts' inverse)."""
+    return PromptBatch(*([x for p in parts for x in getattr(p, f)] for f in ("uids", "prompt_ids", "prompts", "answers")))
+
+
 def batch_stats(summaries: list[RolloutSummary]) -> dict:
     """Scalars describing a step's rollouts, for its metrics (from the requests' summaries)."""
     lengths = torch.tensor([n for s in summaries for n in s.response_len], dtype=torch.float32)
@@ -169,6 +174,16 @@ def concat_shards(shards: list[RolloutShard]) -> RolloutShard:
         sampler_logp_NR=cat("sampler_logp_NR", 0.0), rewards_N=torch.cat([s.rewards_N for s in shards]),
         truncated_N=torch.cat([s.truncated_N for s in shards]), uids_N=torch.cat([s.uids_N for s in shards]),
         group_size=shards[0].group_size, weights_version=min(s.weights_version for s in shards), stats=stats)
+
+
+def split_shard(shard: RolloutShard, count: int) -> list[RolloutShard]:
+    """`count` contiguous parts of a shard by whole groups, cut where split_prompts cuts its
+    prompts (the counters in `stats` go with the first part)."""
+    prompts = shard.num_sequences // shard.group_size
+    bounds = [round(i * prompts / count) * shard.group_size for i in range(count + 1)]
+    return [RolloutShard(**{name: getattr(shard, name)[a:b] for name in SHARD_TENSORS}, group_size=shard.group_size,
+                         weights_version=shard.weights_version, stats=dict(shard.stats) if i == 0 else {})
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
 def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:

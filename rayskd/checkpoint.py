@@ -1,12 +1,12 @@
 """Run directory and checkpoints: atomic save, find the newest complete one, prune old ones.
 
 Layout: RUN_DIR/checkpoints/step_000042/
-    model.safetensors          full student weights (rank 0)
     hf/                        the student as a Hugging Face checkpoint (config, tokenizer, safetensors)
-    learner_rank{r}.pt         rank r's optimizer partition + scheduler (tensors and numbers only:
-                               loaded with torch.load(weights_only=True))
-    learner_rank{r}.safetensors rank r's fp32 master partition
-    trainer.json               driver state: step, sampler, weights version, rehearsal position, RNG
+    learner/                   the learners' training state, whole tensors by parameter name (fp32
+                               master weights, Adam moments), step, scheduler, counters, RNG: any
+                               number of ranks at any ZeRO stage resumes it (learner_state.py)
+    pending_rollouts.safetensors samples already drawn for the next steps (max_staleness >= 1)
+    trainer.json               driver state: step, sampler, weights version, rehearsal position
     MANIFEST.json              size and SHA-256 of every file above
     COMPLETE                   written last, inside the temporary directory
 A checkpoint is written under step_000042.tmp and renamed into place only when complete;

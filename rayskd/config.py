@@ -349,10 +349,7 @@ def validate(cfg: Config) -> None:
     _check(0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     _check(rollout.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
 
-    _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1 or 2, got {learner.zero_stage}")
-    _check(learner.zero_stage != 3, "learner.zero_stage",
-           "must be 0, 1 or 2: ZeRO stage 3 is not supported yet (the learner reads the LM head outside the "
-           "forward, where stage 3 has freed it, and its checkpoints are not implemented)")
+    _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {learner.zero_stage}")
     _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")
     _check(learner.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
     _check(learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")

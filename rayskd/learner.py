@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from . import learner_state
 from .actors import log_to_file
 from .batch import (
     LearnerShare, RolloutShard, RolloutSummary, TeacherScores, concat_scores, concat_shards, forward_fields, length_mask,
@@ -16,10 +17,9 @@ from .batch import (
 )
 from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
-    aggregate_denominator, group_advantages, hidden_logprobs, hidden_topk_divergence, kd_sequence_mask, kdrl_loss,
-    rehearsal_loss, truncated_is_weights,
+    aggregate_denominator, group_advantages, kd_sequence_mask, kdrl_loss, rehearsal_loss, truncated_is_weights,
 )
-from .modeling import load_causal_lm, response_hidden, vocab_limit
+from .modeling import PolicyModel, load_causal_lm, vocab_limit
 from .weight_sync import pack_weights
 
 
@@ -159,8 +159,12 @@ class Learner:
         init_process_group(backend, master_addr, master_port, rank, world_size)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
         torch.manual_seed(spec.seed)
-        model = load_causal_lm(spec.model_path, torch.float32, self.device)
+        self.model = model = load_causal_lm(spec.model_path, torch.float32, self.device)
         self.vocab_size = vocab_limit(spec.tokenizer_len, model)
+        self.zero3 = cfg.zero_stage == 3
+        policy = PolicyModel(model, temperature=self.temperature, chunk=cfg.logprob_chunk, vocab_size=self.vocab_size,
+                             device=self.device, zero3=self.zero3, divergence=algo.kd.divergence, beta=algo.kd.beta,
+                             skew=algo.kd.skew)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       betas=(0.9, 0.999), fused=self.gpu)
         ds_config = {
@@ -181,7 +185,7 @@ class Learner:
         }
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         self.rehearsal = None
         if algo.rehearsal.coef > 0:
@@ -192,14 +196,10 @@ class Learner:
     def ready(self) -> bool:
         return True
 
-    def _forward_logp(self, fields, with_entropy=False):
-        """Hidden states at the response positions, the LM head, and log pi_theta(token) at
-        the sampling temperature (and its entropy)."""
-        h = response_hidden(self.engine.module, *fields, self.device)
-        w = self.engine.module.get_output_embeddings().weight
-        out = hidden_logprobs(h, w, fields[2].to(self.device), self.temperature, self.cfg.logprob_chunk,
-                              self.vocab_size, with_entropy)
-        return (h, w, *out) if with_entropy else (h, w, out)
+    def _forward(self, fields, **kwargs):
+        """log pi_theta of the response tokens at the sampling temperature, their entropy and
+        the top-k divergence when asked (`PolicyModel.forward`), through the DeepSpeed engine."""
+        return self.engine(*fields, **kwargs)
 
     def _backward(self, loss: torch.Tensor) -> int:
         """Backward one micro-batch (the update is one engine.step() after the last). A
@@ -224,8 +224,12 @@ class Learner:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def _zero_loss(self) -> torch.Tensor:
-        return sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+    def _zero_pass(self) -> None:
+        """A forward and backward that changes no gradient: one token, loss x 0. It takes part in
+        every collective a real pass does (ZeRO-2's reductions; ZeRO-3's gathers too)."""
+        one = torch.ones(1, 1, dtype=torch.long)
+        logp, _, _ = self._forward((one, torch.ones(1, dtype=torch.long), one, torch.ones(1, dtype=torch.long)))
+        self._backward(logp.sum() * 0.0)
 
     def train_step(self, share: LearnerShare) -> StepMetrics:
         """One update: this rank trains on its share of the batch (fetched here from the object
@@ -251,7 +255,9 @@ class Learner:
             r = seqs[2].shape[1]
             dev = lambda t: t[idx, :r].to(self.device)  # noqa: E731  a [N, R, ...] tensor's rows and width
             mask = dev(mask_NR)
-            h, w, logp, entropy = self._forward_logp(seqs, with_entropy=True)
+            topk = dict(topk_ids_NRK=dev(teacher.topk_ids_NRK), teacher_topk_logp_NRK1=dev(teacher.topk_logp_NRK1)) \
+                if kd.estimator == "topk" else {}
+            logp, entropy, kd_values = self._forward(seqs, with_entropy=True, **topk)
             current = logp.detach()
             sampler = dev(batch.sampler_logp_NR)
             # the behaviour policy: pi_theta itself when every sample is fresh (one update per
@@ -259,11 +265,6 @@ class Learner:
             # then GRPO gets the clipped ratio pi_theta / mu and the teacher term sg(pi_theta / mu)
             old_logp = sampler if algo.max_staleness > 0 else current
             is_w = truncated_is_weights(current, sampler, algo.tis_cap) if algo.tis_cap > 0 else None
-            kd_values = None
-            if kd.estimator == "topk":
-                kd_values = hidden_topk_divergence(
-                    h, w, dev(teacher.topk_ids_NRK), dev(teacher.topk_logp_NRK1), kd.divergence, kd.beta, kd.skew,
-                    self.temperature, cfg.logprob_chunk, self.vocab_size)
             loss, lm = kdrl_loss(
                 logp, old_logp, adv_N[idx].to(self.device), mask, dev(teacher.logp_NR), share.kd_coef,
                 estimator=kd.estimator, kd_values=kd_values, kd_seq_mask=kd_mask_N[idx].to(self.device),
@@ -289,7 +290,7 @@ class Learner:
             m.rehearsal_loss, bad = self._rehearsal_backward(*rehearsal)
             m.nonfinite += bad
         for _ in range(count - own):
-            self._backward(self._zero_loss())
+            self._zero_pass()
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
         m.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -318,7 +319,7 @@ class Learner:
             fields = forward_fields(rows, idx)
             r = fields[2].shape[1]
             mask = rows.response_mask_NR()[idx, :r].to(self.device)
-            _, _, logp = self._forward_logp(fields)
+            logp, _, _ = self._forward(fields)
             loss = rehearsal_loss(logp, rows.ref_logp_NR[idx, :r].to(self.device), mask, reh.divergence, reh.alpha,
                                   aggregation="token_mean") * (float(mask.sum()) / total)
             value += float(loss)
@@ -327,79 +328,69 @@ class Learner:
 
     # ---- checkpoints (rayskd's own format: no pickled objects, see checkpoint.py) ----
 
-    def _zero_partitions(self):
-        """ZeRO-1/2: this rank's fp32 master partitions; None for stage 0."""
-        return getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None)
-
-    def _inner_optimizer(self):
-        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer) if self._zero_partitions() is not None \
-            else self.engine.optimizer
-
     def save_state(self, directory: str, tokenizer_from: str) -> None:
-        """Write this rank's part of a checkpoint into `directory` (the staging directory)."""
-        from safetensors.torch import save_file
-
-        if self.rank == 0:
-            weights = self.full_state_dict()
-            save_file(weights, os.path.join(directory, "model.safetensors"))
-            self.save_pretrained(os.path.join(directory, "hf"), tokenizer_from, weights)
-        parts = self._zero_partitions()
-        if parts is not None:
-            save_file({f"group{i}": t.detach().contiguous() for i, t in enumerate(parts)},
-                      os.path.join(directory, f"learner_rank{self.rank}.safetensors"))
-        torch.save({"optimizer": self._inner_optimizer().state_dict(),
-                    "scheduler": self.engine.lr_scheduler.state_dict(),
-                    "counters": {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
-                                 "skipped_steps": self.engine.skipped_steps},
-                    "rng": torch.get_rng_state(), "world_size": self.world_size, "zero_stage": self.cfg.zero_stage},
-                   os.path.join(directory, f"learner_rank{self.rank}.pt"))
+        """Write this rank's part of a checkpoint into `directory` (the staging directory; every
+        rank calls this): the student as a Hugging Face model, and the training state in a form
+        any number of ranks at any ZeRO stage can resume from (learner_state.py)."""
+        self.save_pretrained(os.path.join(directory, "hf"), tokenizer_from)
+        counters = {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                    "skipped_steps": self.engine.skipped_steps}
+        learner_state.save(self.engine, self.model, directory, self.rank, self.world_size,
+                           {"scheduler": self.engine.lr_scheduler.state_dict(), "counters": counters})
 
     def load_state(self, directory: str) -> None:
-        """Restore weights, optimizer, scheduler and counters exactly (same world size and stage)."""
-        from safetensors.torch import load_file
-
-        state = torch.load(os.path.join(directory, f"learner_rank{self.rank}.pt"), weights_only=True)
-        if (state["world_size"], state["zero_stage"]) != (self.world_size, self.cfg.zero_stage):
-            raise ValueError(f"checkpoint {directory} was written by {state['world_size']} ranks at ZeRO stage "
-                             f"{state['zero_stage']}; this run has {self.world_size} at stage {self.cfg.zero_stage}")
-        weights = load_file(os.path.join(directory, "model.safetensors"))
-        with torch.no_grad():
-            for name, p in self.engine.module.named_parameters():
-                p.data.copy_(weights[name].to(p.dtype))  # in place: ZeRO's flat buffers stay shared
-        parts = self._zero_partitions()
-        if parts is not None:
-            saved = load_file(os.path.join(directory, f"learner_rank{self.rank}.safetensors"))
-            for i, t in enumerate(parts):
-                t.data.copy_(saved[f"group{i}"])
-        self._inner_optimizer().load_state_dict(state["optimizer"])
-        self.engine.lr_scheduler.load_state_dict(state["scheduler"])
-        for key, value in state["counters"].items():
+        """Restore weights, optimizer moments, step, scheduler and counters, whatever the number
+        of ranks and the ZeRO stage that wrote them: exact values, so an unchanged layout
+        continues bit for bit."""
+        meta = learner_state.load(self.engine, self.model, directory, self.rank)
+        self.engine.lr_scheduler.load_state_dict(meta["scheduler"])
+        for key, value in meta["counters"].items():
             setattr(self.engine, key, value)
-        torch.set_rng_state(state["rng"])
 
-    def save_pretrained(self, path: str, tokenizer_from: str, weights: dict | None = None) -> None:
-        """Write the student as a Hugging Face checkpoint (safetensors) with its tokenizer (rank 0)."""
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the optimizer, whole: {"NAME/master" | "NAME/exp_avg" |
+        "NAME/exp_avg_sq": tensor} and {"step": tensor} on rank 0 (others: empty; every rank calls)."""
+        out = {f"{name}/{k}": v for name, tensors in learner_state.iter_full_tensors(self.engine, self.model)
+               for k, v in tensors.items()}
+        return {**out, "step": torch.tensor(learner_state.step_count(self.engine))} if self.rank == 0 else {}
+
+    def save_pretrained(self, path: str, tokenizer_from: str) -> None:
+        """Write the student as a Hugging Face checkpoint (safetensors) with its tokenizer (rank 0
+        writes; under ZeRO-3 every rank must call, to gather the weights)."""
+        weights = self.full_state_dict()
         if self.rank != 0:
             return
         from transformers import AutoTokenizer
 
         os.makedirs(path, exist_ok=True)
-        self.engine.module.save_pretrained(path, state_dict=weights if weights is not None else self.full_state_dict(),
-                                           safe_serialization=True)
+        self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full student state dict, on CPU (ZeRO 0-2 keep the full parameters on every
-        rank; stage 3 is refused by the config)."""
-        return {k: v.detach().contiguous().cpu() for k, v in self.engine.module.state_dict().items()}
+        """The full student state dict, on CPU, on rank 0 (other ranks: empty). ZeRO 0-2 keep the
+        whole weights on every rank; under ZeRO-3 every rank takes part in gathering each one."""
+        if not self.zero3:
+            return {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()} if self.rank == 0 \
+                else {}
+        import deepspeed
 
-    def sync_payload(self) -> bytes:
-        """The weights for the rollout engines, as `weight_sync.ObjectStoreSync` moves them."""
-        return pack_weights(self.full_state_dict())
+        out = {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None, enabled=hasattr(t, "ds_id")):
+                if self.rank == 0:
+                    out[name] = t.detach().contiguous().cpu().clone()
+        return out
+
+    def sync_payload(self) -> bytes | None:
+        """The weights for the rollout engines, as `weight_sync.ObjectStoreSync` moves them
+        (rank 0; every rank calls, since ZeRO-3 gathers)."""
+        weights = self.full_state_dict()
+        return pack_weights(weights) if self.rank == 0 else None
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log pi_theta (temperature 1) of tokens 1..end of a fixed sequence (to check weight syncs)."""
+        """log pi_theta (temperature 1) of tokens 1..end of a fixed sequence (to check weight
+        syncs; under ZeRO-3 every rank must call)."""
         ids = torch.tensor([token_ids], device=self.device)
-        logits = self.engine.module(input_ids=ids).logits[0, :-1, :self.vocab_size].float()
+        logits = self.model(input_ids=ids).logits[0, :-1, :self.vocab_size].float()
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

@@ -41,3 +41,40 @@ def response_logprobs(model, shard_fields, temperature: float, chunk: int, vocab
     h = response_hidden(model, prompt_ids, prompt_len, response_ids, response_len, device)
     w = model.get_output_embeddings().weight
     return hidden_logprobs(h, w, response_ids.to(device), temperature, chunk, vocab_size, with_entropy)
+
+
+class PolicyModel(torch.nn.Module):
+    """The student as the learner trains it: one forward from token ids to log pi_theta of each
+    response token at the sampling temperature (optionally its entropy, and a divergence on the
+    teacher's top-k support). DeepSpeed wraps this module, not the language model: under ZeRO-3
+    a parameter is gathered only inside the forward of a module that holds it, and the LM head
+    is read here, outside the language model's own forward, so it is registered as this
+    module's external parameter (gathered for this forward and for its backward)."""
+
+    def __init__(self, lm, *, temperature: float, chunk: int, vocab_size: int, device, zero3: bool,
+                 divergence: str = "reverse_kl", beta: float = 0.5, skew: float = 0.1):
+        super().__init__()
+        self.lm = lm
+        self.temperature, self.chunk, self.vocab_size, self.device = temperature, chunk, vocab_size, device
+        self.divergence, self.beta, self.skew = divergence, beta, skew
+        if zero3:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
+
+    def forward(self, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, with_entropy: bool = False,
+                topk_ids_NRK=None, teacher_topk_logp_NRK1=None):
+        """(logp [N, R], entropy [N, R] or None, top-k divergence [N, R] or None)."""
+        from .losses import hidden_topk_divergence
+
+        h = response_hidden(self.lm, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, self.device)
+        w = self.lm.get_output_embeddings().weight
+        ids = response_ids_NR.to(self.device)
+        out = hidden_logprobs(h, w, ids, self.temperature, self.chunk, self.vocab_size, with_entropy)
+        logp, entropy = out if with_entropy else (out, None)
+        kd = None
+        if topk_ids_NRK is not None:
+            kd = hidden_topk_divergence(h, w, topk_ids_NRK.to(self.device), teacher_topk_logp_NRK1.to(self.device),
+                                        self.divergence, self.beta, self.skew, self.temperature, self.chunk,
+                                        self.vocab_size)
+        return logp, entropy, kd

@@ -25,7 +25,10 @@ from typing import Callable
 import ray
 
 from .actors import ActorGroup, TrainingError
-from .batch import PromptBatch, RolloutSummary, shard_from_tensors, shard_to_tensors, split_prompts, summarize
+from .batch import (
+    PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors, shard_to_tensors, split_prompts,
+    split_shard, summarize,
+)
 from .rollout_pool import MAX_RETRIES, RESTARTABLE, RolloutPool
 
 PENDING_FILE = "pending_rollouts.safetensors"
@@ -205,7 +208,10 @@ class RolloutPipeline:
 
     def load(self, directory: str) -> None:
         """Put the saved requests back in flight: samples go to the teachers (their scores are
-        recomputed), requests saved as prompts only to the engines."""
+        recomputed), requests saved as prompts only to the engines. A resume with another
+        request count per step (other numbers of engines or learner ranks) re-splits each step's
+        saved samples by whole groups; a step saved only partly generated is then generated
+        again whole."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -215,15 +221,29 @@ class RolloutPipeline:
         with safe_open(path, "pt") as f:
             meta = json.loads(f.metadata()["requests"])
         tensors = load_file(path)
+        steps: dict[int, list] = {}
         for m in meta:
-            r = Request(m["step"], PromptBatch(**m["prompts"]))
-            self.inflight.setdefault(m["step"], []).append(r)
-            if "group_size" not in m:
-                self._generate(r)
-                continue
-            shard = shard_from_tensors(tensors, f"{m['step']}.{m['index']}", m)
-            r.shard, r.summary = ray.put(shard), summarize(shard)
-            self._score(r)
+            shard = shard_from_tensors(tensors, f"{m['step']}.{m['index']}", m) if "group_size" in m else None
+            steps.setdefault(m["step"], []).append((PromptBatch(**m["prompts"]), shard))
+        for step, saved in sorted(steps.items()):
+            if len(saved) != self.requests_per_step:
+                prompts = merge_prompts([p for p, _ in saved])
+                shards = [s for _, s in saved]
+                if any(s is None for s in shards):
+                    self.event(f"step {step + 1}: its saved samples were only partly generated and the request count "
+                               f"changed ({len(saved)} -> {self.requests_per_step}); generating them again")
+                    shards = [None] * self.requests_per_step
+                else:
+                    shards = split_shard(concat_shards(shards), self.requests_per_step)
+                saved = list(zip(split_prompts(prompts, self.requests_per_step), shards))
+            for prompts, shard in saved:
+                r = Request(step, prompts)
+                self.inflight.setdefault(step, []).append(r)
+                if shard is None:
+                    self._generate(r)
+                    continue
+                r.shard, r.summary = ray.put(shard), summarize(shard)
+                self._score(r)
 
     def shutdown(self) -> None:
         self.inflight.clear()

@@ -14,7 +14,7 @@ import time
 import psutil
 import ray
 
-from . import checkpoint
+from . import checkpoint, learner_state
 from .actors import ActorGroup, TrainingError, actor_env, init_ray, start_learners
 from .batch import LearnerShare, PromptBatch, batch_stats, prompt_batch
 from .config import Config, requests_per_step, to_yaml
@@ -34,16 +34,12 @@ PROCESS_START = psutil.Process().create_time()
 RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob difference| on a fixed sequence
 
 
-def check_resume(cfg: Config, found: tuple[int, str] | None) -> None:
-    """Overrides a checkpoint cannot be resumed under: UsageError (exit 2) before anything starts."""
-    if found is None:
-        return
-    state = checkpoint.load_trainer_state(found[1])
-    for key, saved, now in (("learner.world_size", state.get("learner_world_size"), cfg.learner.world_size),
-                            ("learner.zero_stage", state.get("zero_stage"), cfg.learner.zero_stage)):
-        if saved is not None and saved != now:
-            raise UsageError(f"{key}={now}: the checkpoint {found[1]} was written with {key}={saved}, and resuming "
-                             f"with a different value is not supported yet; resume without this override")
+def check_resume(found: tuple[int, str] | None) -> None:
+    """A checkpoint this version cannot resume from: UsageError (exit 2) before anything starts.
+    Any learner count and ZeRO stage can resume any checkpoint (learner_state.py)."""
+    if found is not None and not os.path.isfile(os.path.join(found[1], learner_state.STATE_DIR, "state.json")):
+        raise UsageError(f"checkpoint {found[1]} was written by an earlier rayskd (per-rank optimizer partitions, "
+                         f"no {learner_state.STATE_DIR}/state.json); resume it with the version that wrote it")
 
 
 class Trainer:
@@ -57,7 +53,7 @@ class Trainer:
         self.resume_from, self.damaged = None, []
         if cfg.run.resume == "auto":
             self.resume_from, self.damaged = checkpoint.newest_intact(run_dir)
-            check_resume(cfg, self.resume_from)
+            check_resume(self.resume_from)
         from .data.dataset import PromptSampler
 
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
@@ -269,7 +265,7 @@ class Trainer:
         self.pipeline.load(path)  # the samples already drawn for the next steps (max_staleness >= 1)
         seq = self.inputs.train.prompt_ids[0] + [self.inputs.eos_id]
         engines = ray.get([w.sequence_logprobs.remote(seq) for w in self.rollout.actors])
-        learner = ray.get(self.learner.actors[0].sequence_logprobs.remote(seq))
+        learner = ray.get(self.learner.call("sequence_logprobs", seq))[0]  # every rank: ZeRO-3 gathers
         worst = max(abs(a - b) for e in engines for a, b in zip(e, learner))
         if worst > RESUME_LOGPROB_TOLERANCE:
             raise TrainingError(f"after restoring {path} the rollout engines disagree with the learner "

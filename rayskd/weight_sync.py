@@ -40,7 +40,8 @@ class ObjectStoreSync:
         """Start loading the learner's current weights into every engine as `version`; returns
         one ref per engine (its `load_weights` call) for the caller to wait on."""
         self.version = version
-        self.payload = self.learner.actors[0].sync_payload.remote()
+        # every rank takes part (ZeRO-3 gathers the weights); rank 0 returns the bytes
+        self.payload = self.learner.call("sync_payload")[0]
         return [e.load_weights.remote(self.payload, version) for e in engines]
 
     def rejoin(self, engine) -> None:

@@ -49,7 +49,7 @@ def test_overrides_and_read_only():
     ("rollout.top_p=0", "rollout.top_p"),
     ("rollout.top_p=0.9", "rollout.top_p"),
     ("rollout.top_k=50", "rollout.top_k"),
-    ("learner.zero_stage=3", "learner.zero_stage"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
     ("rollout.gpus_per_worker=1.5", "rollout.gpus_per_worker"),
     ("algorithm.rehearsal.coef=0.1", "algorithm.rehearsal.data_path"),
     ("reward.function=nocolon", "reward.function"),
@@ -111,7 +111,7 @@ def test_yaml_error_keeps_line_and_column_and_an_unreachable_cluster_is_one_line
 @pytest.mark.parametrize("override,why", [
     ("rollout.top_p=0.9", "whole vocabulary"),
     ("rollout.top_k=20", "whole vocabulary"),
-    ("learner.zero_stage=3", "not supported yet"),
+    ("learner.zero_stage=4", "must be 0, 1, 2 or 3"),
 ])
 def test_unsupported_settings_exit_2_saying_why(override, why):
     """Issue 8.4 / 8.9: settings the learner cannot honour are refused before anything

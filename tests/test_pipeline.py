@@ -53,6 +53,9 @@ class Group:
     def __init__(self, actors):
         self.actors, self.n = actors, len(actors)
 
+    def call(self, method, *args):
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
@@ -144,3 +147,28 @@ def test_a_rejoining_engine_gets_the_pushed_version_not_newer_weights():
     sync.rejoin(restarted)  # ... a restarted engine must serve what the others serve
     assert ray.get(restarted.history.remote()) == [("weights after 1 updates", 1)]
     assert ray.get(engines[0].history.remote()) == [("weights after 1 updates", 1)]
+
+
+@pytest.mark.parametrize("before,after", [(2, 3), (4, 1)])
+def test_samples_saved_by_one_request_count_resume_under_another(tmp_path, before, after):
+    """Elastic resume: a checkpoint's pending samples (max_staleness >= 1) were split into as many
+    requests as the old layout had; the new layout gets the same samples, re-split by whole
+    groups, with nothing regenerated."""
+    per_step = 12
+    pool = Group([FakeEngine.remote() for _ in range(2)])
+    teach = Group([FakeTeacher.remote()])
+    old = RolloutPipeline(pool, teach, lambda s: prompts_for(s, per_step), before, 1, 4, print)
+    old.take(0, 0)  # step 1's requests are now in flight
+    old.save(str(tmp_path))
+    calls = sum(len(c) for c in ray.get([e.calls.remote() for e in pool.actors]))
+    saved = [u for r in old.inflight[1] for u in ray.get(r.shard).uids_N.tolist()]
+
+    # the run ends after step 2: the new pipeline has nothing of its own to draw
+    new = RolloutPipeline(pool, teach, lambda s: pytest.fail("no prompt is drawn again"), after, 1, 2, print)
+    new.load(str(tmp_path))
+    batch = new.take(1, 1)
+    assert len(batch.requests) == after
+    assert [u for r in batch.requests for u in ray.get(r.shard).uids_N.tolist()] == saved  # same samples, same order
+    assert [len(s.uids) for s in batch.summaries] == [per_step * G // after] * after  # whole groups, near-equal
+    assert sum(len(c) for c in ray.get([e.calls.remote() for e in pool.actors])) == calls  # nothing regenerated
+    assert sum(ray.get([r.score for r in batch.requests])) == per_step * G

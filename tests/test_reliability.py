@@ -145,18 +145,20 @@ def test_damaged_newest_checkpoint_and_a_resume_on_another_learner_count(demo_as
     assert r.returncode == 0, r.stderr[-3000:]
     config = (run / "config.yaml").read_text()
 
-    # another learner count: exit 2 in seconds, before Ray starts, the run's config untouched
+    # an impossible layout: exit 2 in seconds, before Ray starts, the run's config untouched
     t0 = time.time()
-    r = rayskd("resume", str(run), "learner.world_size=1", "run.steps=4")
-    assert r.returncode == 2 and "learner.world_size=1" in r.stderr and "learner.world_size=2" in r.stderr, r.stderr
+    r = rayskd("resume", str(run), "learner.world_size=3", "run.steps=4")
+    assert r.returncode == 2 and "learner.world_size=3" in r.stderr, r.stderr
     assert time.time() - t0 < 60 and "Started a local Ray instance" not in r.stdout + r.stderr
     assert (run / "config.yaml").read_text() == config
 
-    # the newest checkpoint truncated, the one before missing nothing: resume from step 2
-    model = run / "checkpoints" / "step_000003" / "model.safetensors"
+    # the newest checkpoint truncated, the one before missing nothing: resume from step 2, on
+    # one learner rank where two wrote it
+    model = run / "checkpoints" / "step_000003" / "hf" / "model.safetensors"
     with open(model, "r+b") as f:
         f.truncate(os.path.getsize(model) // 2)
-    r = rayskd("resume", str(run), "run.steps=4")
+    r = rayskd("resume", str(run), "run.steps=4", "learner.world_size=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step_000003 is damaged (model.safetensors has" in r.stdout and "step 2" in r.stdout, r.stdout[-3000:]
+    assert "step_000003 is damaged (hf/model.safetensors has" in r.stdout and "step 2" in r.stdout, r.stdout[-3000:]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
+    assert "world_size: 1" in (run / "config.yaml").read_text()  # rewritten once the resume worked
