@@ -183,3 +183,56 @@ def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
 
     return ActorGroup("learner", Learner, cfg.learner.world_size, 1, cfg.learner.gpus_per_worker, learner_kwargs,
                       resources=dict(cfg.learner.resources), env_vars=env_vars, log_dir=log_dir)
+
+
+class TeacherPool:
+    """The teacher workers: `n` of them, each `tp` ranks of one ActorGroup (worker i is actors
+    i*tp .. i*tp + tp - 1, placed next to each other). `score(i, shard)` sends the shard to every
+    rank of worker i and returns rank 0's result."""
+
+    def __init__(self, group: ActorGroup, tp: int):
+        self.group, self.tp, self.n = group, tp, group.n // tp
+        self.name = group.name
+
+    @property
+    def actors(self) -> list:
+        return self.group.actors
+
+    def score(self, i: int, shard):
+        refs = [a.score.remote(shard) for a in self.group.actors[i * self.tp:(i + 1) * self.tp]]
+        return refs[0]
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        return self.group.call(method, *args, **kwargs)
+
+    def nodes(self) -> list[str]:
+        return self.group.nodes()
+
+    def kill(self) -> None:
+        self.group.kill()
+
+
+def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_dir: str | None = None,
+                   max_restarts: int = 0) -> TeacherPool:
+    """The teacher workers of `cfg` (a rayskd Config). A worker of one rank holds no state: Ray
+    restarts it (`max_restarts`) and re-runs its call. The ranks of a tensor-parallel worker
+    share a process group that a restarted rank could not rejoin, so they are not restarted:
+    a failure stops the run, which checkpoints first."""
+    from .teacher import TeacherScorer
+
+    t, tp = cfg.teacher, cfg.teacher.tensor_parallel_size
+    masters: dict[int, tuple[str, int]] = {}
+
+    def teacher_kwargs(i, pg):
+        rank, first = i % tp, i - i % tp
+        if tp > 1 and first not in masters:  # each worker's rank 0: its bundle is placed, so its node is known
+            masters[first] = rendezvous_address(pg, first)
+        addr, port = masters.get(first, (None, None))
+        return dict(model_path=t.path, cfg=t, tokenizer_len=tokenizer_len, rank=rank, master_addr=addr,
+                    master_port=port)
+
+    retries = max_restarts if tp == 1 else 0
+    group = ActorGroup("teacher", TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
+                       resources=dict(t.resources), env_vars=env_vars, max_restarts=retries, task_retries=retries,
+                       log_dir=log_dir)
+    return TeacherPool(group, tp)

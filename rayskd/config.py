@@ -80,7 +80,11 @@ class StudentConfig:
 class TeacherConfig:
     path: str = MISSING
     num_workers: int = 1
+    # GPUs per teacher worker: > 1 only with tensor_parallel_size equal to it (one rank per GPU)
     gpus_per_worker: float = 0.0
+    # > 1: each teacher worker is this many ranks, the model sharded over them by transformers'
+    # tensor-parallel plan (one device each: NCCL on GPUs, gloo on CPU)
+    tensor_parallel_size: int = 1
     resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
     # the teacher scores the student's tokens, rendered with the student's chat template: a
@@ -100,7 +104,11 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     num_workers: int = 1
+    # GPUs per rollout engine: > 1 only with tensor_parallel_size equal to it
     gpus_per_worker: float = 0.0
+    # > 1: each engine is vLLM over this many devices (its own worker processes; on CPU each
+    # gets its share of the cores, VLLM_CPU_OMP_THREADS_BIND)
+    tensor_parallel_size: int = 1
     resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
     samples_per_prompt: int = 8
     max_new_tokens: int = 256
@@ -323,6 +331,14 @@ def validate(cfg: Config) -> None:
     for section, c in (("rollout", rollout), ("teacher", teacher)):
         _check(c.num_workers >= 1, f"{section}.num_workers", "must be >= 1")
         _gpus(f"{section}.gpus_per_worker", c.gpus_per_worker)
+        tp = c.tensor_parallel_size
+        _check(tp >= 1, f"{section}.tensor_parallel_size", f"must be >= 1, got {tp}")
+        # a worker uses exactly its tensor-parallel devices: reserving more would hold GPUs nothing uses
+        _check(c.gpus_per_worker <= 1 or c.gpus_per_worker == tp, f"{section}.gpus_per_worker",
+               f"{c.gpus_per_worker:g} GPUs per worker, but a worker runs on {section}.tensor_parallel_size={tp} "
+               f"device(s): set {section}.tensor_parallel_size={c.gpus_per_worker:g} to use them")
+        _check(tp == 1 or c.gpus_per_worker in (0, tp), f"{section}.gpus_per_worker",
+               f"tensor_parallel_size={tp} needs {tp} whole GPUs per worker (or 0 on CPU), got {c.gpus_per_worker:g}")
     _gpus("learner.gpus_per_worker", learner.gpus_per_worker)
     _check(learner.gpus_per_worker <= 1, "learner.gpus_per_worker", "a learner rank drives one GPU (use world_size)")
     _check(learner.world_size >= 1, "learner.world_size", "must be >= 1")

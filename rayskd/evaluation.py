@@ -144,7 +144,7 @@ def run_eval(target: str, data: str | None, ks: tuple[int, ...], samples: int, o
     inputs = check_inputs(cfg, need_teacher=False, need_rehearsal=False, need_train=False)
     log(f"evaluating {model}" + (f" (step {step})" if step is not None else "") + f" on {cfg.data.eval_path}: "
         f"{len(inputs.eval)} problems, greedy and {samples} samples each")
-    started = init_ray(cfg.rollout.num_workers)
+    started = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size)
     pool = None
     try:
         pool = RolloutPool(start_rollout(cfg, model, inputs.max_model_len, actor_env(cfg)), log, None)

@@ -19,6 +19,7 @@ from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
     aggregate_denominator, group_advantages, kd_sequence_mask, kdrl_loss, rehearsal_loss, truncated_is_weights,
 )
+from .distributed import init_process_group
 from .modeling import PolicyModel, load_causal_lm, vocab_limit
 from .weight_sync import pack_weights
 
@@ -102,28 +103,6 @@ class LearnerSpec:
         return cls(model_path=cfg.student.path, cfg=cfg.learner, algo=cfg.algorithm,
                    sampling_temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                    samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer_len=tokenizer_len, seed=cfg.run.seed)
-
-
-def init_process_group(backend: str, addr: str, port: int, rank: int, world_size: int,
-                       timeout_s: float = 1800.0) -> None:
-    """torch.distributed over a rendezvous store that listens on `addr` only (the node's
-    address the learners reach each other on). torch's env:// store binds every interface,
-    with no credentials, so rank 0 binds the socket itself and hands it to the store."""
-    import socket
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    timeout = timedelta(seconds=timeout_s)
-    listen_fd = None
-    if rank == 0:
-        sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((addr, port))
-        sock.listen(max(128, world_size))
-        listen_fd = sock.detach()
-    store = dist.TCPStore(addr, port, world_size, rank == 0, timeout, master_listen_fd=listen_fd)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def skip_cpu_shm_comm_op() -> None:

@@ -12,11 +12,13 @@ from .losses import hidden_logprobs
 SCORING_CHUNK = 4096
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+def load_causal_lm(path: str, dtype: torch.dtype, device: str | torch.device = "cpu", **kwargs):
+    """A Hugging Face causal LM on `device` (`kwargs` go to from_pretrained: tp_plan and
+    device_mesh for a tensor-parallel teacher, which places itself)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model if "tp_plan" in kwargs else model.to(device)
 
 
 def vocab_limit(tokenizer_len: int, model) -> int:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import ray
 
-from .actors import ActorGroup, TrainingError
+from .actors import TeacherPool, TrainingError
 from .batch import (
     PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors, shard_to_tensors, split_prompts,
     split_shard, summarize,
@@ -64,7 +64,7 @@ class ReadyBatch:
 
 
 class RolloutPipeline:
-    def __init__(self, pool: RolloutPool, teachers: ActorGroup, prompts_for: Callable[[int], PromptBatch],
+    def __init__(self, pool: RolloutPool, teachers: TeacherPool, prompts_for: Callable[[int], PromptBatch],
                  requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None]):
         """`prompts_for(step)` draws the prompts of `step` (called once per step, in order)."""
         self.pool, self.teachers, self.prompts_for = pool, teachers, prompts_for
@@ -104,7 +104,7 @@ class RolloutPipeline:
         for t, _ in self.scoring:
             load[t] += 1
         r.teacher = load.index(min(load))
-        r.score = self.teachers.actors[r.teacher].score.remote(r.shard)
+        r.score = self.teachers.score(r.teacher, r.shard)
         self.scoring.append((r.teacher, r.score))
 
     # ---- waiting while dispatching ----

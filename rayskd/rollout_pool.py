@@ -62,7 +62,7 @@ def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_
 
     extra_path = (os.getcwd(),)  # where a user's reward module is imported from
     return ActorGroup(
-        "rollout", RolloutEngine, cfg.rollout.num_workers, 1, cfg.rollout.gpus_per_worker,
+        "rollout", RolloutEngine, cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.rollout.gpus_per_worker,
         lambda i, pg: dict(model_path=model_path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
                            max_model_len=max_model_len, extra_path=extra_path),
         resources=dict(cfg.rollout.resources), env_vars=env_vars, max_restarts=-1, task_retries=0, log_dir=log_dir)

@@ -4,13 +4,15 @@ when the divergence needs it), with a chunked log-softmax (not vLLM prompt_logpr
 measured 1.7x slower, 7.9x with top-20)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .actors import log_to_file
 from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches
 from .config import TeacherConfig
-from .losses import hidden_topk_logprobs
-from .modeling import SCORING_CHUNK, load_causal_lm, response_hidden, response_logprobs, vocab_limit
+from .losses import hidden_logprobs, hidden_topk_logprobs
+from .modeling import SCORING_CHUNK, load_causal_lm, response_hidden, vocab_limit
 
 
 def teacher_dtype(name: str, device: str) -> torch.dtype:
@@ -21,21 +23,43 @@ def teacher_dtype(name: str, device: str) -> torch.dtype:
 
 
 class TeacherScorer:
-    def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int):
+    """One rank of a teacher worker. With teacher.tensor_parallel_size = t > 1, t ranks (one
+    per device) hold one teacher sharded by transformers' tensor-parallel plan over a process
+    group of their own; each scoring call goes to all t with the same shard, and rank 0's
+    result is the worker's. The LM head is kept whole on every rank (the chunked log-softmax
+    reads it outside the model's forward)."""
+
+    def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int, *, rank: int = 0,
+                 master_addr: str | None = None, master_port: int | None = None):
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
-        self.cfg = cfg
+        self.cfg, self.rank = cfg, rank
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = teacher_dtype(cfg.dtype, self.device)
-        self.model = load_causal_lm(model_path, dtype, self.device).eval().requires_grad_(False)
+        tp = cfg.tensor_parallel_size
+        if tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from .distributed import init_process_group
+
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+            init_process_group("nccl" if self.device == "cuda" else "gloo", master_addr, master_port, rank, tp)
+            mesh = init_device_mesh(self.device, (tp,))
+            self.model = load_causal_lm(model_path, dtype, self.device, tp_plan="auto", device_mesh=mesh)
+        else:
+            self.model = load_causal_lm(model_path, dtype, self.device)
+        self.model.eval().requires_grad_(False)
+        head = self.model.get_output_embeddings().weight
+        self.head = head.full_tensor() if hasattr(head, "full_tensor") else head  # a DTensor under TP: gathered once
         self.vocab_size = vocab_limit(tokenizer_len, self.model)
 
     def ready(self) -> bool:
         return True
 
     @torch.no_grad()
-    def score(self, shard: RolloutShard) -> TeacherScores:
+    def score(self, shard: RolloutShard) -> TeacherScores | None:
         """Scores in micro-batches (of `micro_batch_size` rows, or by `max_tokens_per_batch`
-        length-grouped), each cut to its own widths and written back in the shard's order."""
+        length-grouped), each cut to its own widths and written back in the shard's order
+        (rank 0 of a tensor-parallel worker returns them; the others None)."""
         N, R = shard.response_ids_NR.shape
         k = self.cfg.top_k
         logp = torch.zeros(N, R, dtype=torch.float32)
@@ -46,14 +70,16 @@ class TeacherScorer:
         for idx in micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_batch):
             fields = forward_fields(shard, idx)
             r = fields[2].shape[1]
+            h = response_hidden(self.model, *fields, self.device)
+            ids = fields[2].to(self.device)
             if k > 0:
-                h = response_hidden(self.model, *fields, self.device)
-                lp, ids, top = hidden_topk_logprobs(h, self.model.get_output_embeddings().weight, fields[2].to(self.device),
-                                                    k, self.cfg.temperature, SCORING_CHUNK, self.vocab_size)
-                top_ids[idx, :r] = ids.cpu()
-                top_lps[idx, :r] = top.float().cpu()
+                lp, top_i, top_v = hidden_topk_logprobs(h, self.head, ids, k, self.cfg.temperature, SCORING_CHUNK,
+                                                        self.vocab_size)
+                top_ids[idx, :r] = top_i.cpu()
+                top_lps[idx, :r] = top_v.float().cpu()
             else:
-                lp = response_logprobs(self.model, fields, self.cfg.temperature, SCORING_CHUNK, self.vocab_size,
-                                       self.device)
+                lp = hidden_logprobs(h, self.head, ids, self.cfg.temperature, SCORING_CHUNK, self.vocab_size)
             logp[idx, :r] = lp.float().cpu()
+        if self.rank != 0:
+            return None
         return TeacherScores(logp_NR=logp * shard.response_mask_NR(), topk_ids_NRK=top_ids, topk_logp_NRK1=top_lps)

@@ -15,7 +15,7 @@ import psutil
 import ray
 
 from . import checkpoint, learner_state
-from .actors import ActorGroup, TrainingError, actor_env, init_ray, start_learners
+from .actors import TrainingError, actor_env, init_ray, start_learners, start_teachers
 from .batch import LearnerShare, PromptBatch, batch_stats, prompt_batch
 from .config import Config, requests_per_step, to_yaml
 from .evaluation import evaluate_on
@@ -25,7 +25,6 @@ from .metrics import MetricsLog
 from .pipeline import ReadyBatch, RolloutPipeline
 from .preflight import Inputs, UsageError, check_inputs, resolve_models
 from .rollout_pool import MAX_RETRIES, RolloutPool, start_rollout
-from .teacher import TeacherScorer
 from .tracking import open_sinks
 from .weight_sync import ObjectStoreSync
 
@@ -91,12 +90,7 @@ class Trainer:
                        f"{cfg.learner.world_size} learner actors")
         logs = os.path.join(run_dir, "logs")  # each actor's output: logs/rollout_0.log, ...
         rollout = start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
-        # teacher scorers hold no state: Ray restarts them and re-runs the scoring call
-        self.teacher = ActorGroup(
-            "teacher", TeacherScorer, cfg.teacher.num_workers, 1, cfg.teacher.gpus_per_worker,
-            lambda i, pg: dict(model_path=cfg.teacher.path, cfg=cfg.teacher, tokenizer_len=inputs.tokenizer_len),
-            resources=dict(cfg.teacher.resources),
-            env_vars=env, max_restarts=MAX_RETRIES, task_retries=MAX_RETRIES, log_dir=logs)
+        self.teacher = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
@@ -122,7 +116,8 @@ class Trainer:
 
     def _init_ray(self) -> None:
         cfg = self.cfg
-        self._started_ray = init_ray(cfg.rollout.num_workers + cfg.teacher.num_workers + cfg.learner.world_size)
+        self._started_ray = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
+                                     + cfg.teacher.num_workers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
 
     # ---- one update ----
 

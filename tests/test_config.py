@@ -112,6 +112,9 @@ def test_yaml_error_keeps_line_and_column_and_an_unreachable_cluster_is_one_line
     ("rollout.top_p=0.9", "whole vocabulary"),
     ("rollout.top_k=20", "whole vocabulary"),
     ("learner.zero_stage=4", "must be 0, 1, 2 or 3"),
+    # GPUs that nothing would use (issue 15.3): a worker uses as many as its tensor-parallel ranks
+    ("rollout.gpus_per_worker=2", "tensor_parallel_size=2 to use them"),
+    ("teacher.gpus_per_worker=4", "tensor_parallel_size=4 to use them"),
 ])
 def test_unsupported_settings_exit_2_saying_why(override, why):
     """Issue 8.4 / 8.9: settings the learner cannot honour are refused before anything

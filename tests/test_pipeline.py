@@ -56,6 +56,9 @@ class Group:
     def call(self, method, *args):
         return [getattr(a, method).remote(*args) for a in self.actors]
 
+    def score(self, i, shard):  # as TeacherPool's, for workers of one rank
+        return self.actors[i].score.remote(shard)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():

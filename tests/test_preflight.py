@@ -6,7 +6,7 @@ import os
 import pytest
 from test_system import rayskd
 
-from rayskd.preflight import UsageError, check_logit_head
+from rayskd.preflight import UsageError, check_logit_head, check_tensor_parallel
 
 DEMO = os.path.abspath("configs/demo.yaml")
 
@@ -35,6 +35,24 @@ def test_models_whose_logits_are_not_a_linear_head_are_refused(kind, what, tmp_p
 def test_a_plain_linear_head_passes(tmp_path):
     tiny("qwen2").save_pretrained(tmp_path)
     check_logit_head("teacher.path", str(tmp_path))
+
+
+@pytest.mark.parametrize("change,tp,teacher,what", [
+    (dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=96), 2, False, "num_attention_heads=3"),
+    (dict(vocab_size=33), 2, True, "33 rows"),
+    (dict(), 4, True, None),  # 32 rows, 4 heads: splits
+    (dict(vocab_size=33), 1, True, None),  # one rank: nothing to split
+])
+def test_tensor_parallel_needs_heads_and_head_rows_that_split(change, tp, teacher, what, tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(**{**dict(vocab_size=32, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=4), **change}).save_pretrained(tmp_path)
+    if what is None:
+        check_tensor_parallel("teacher.tensor_parallel_size", str(tmp_path), tp, teacher)
+    else:
+        with pytest.raises(UsageError, match=what):
+            check_tensor_parallel("teacher.tensor_parallel_size", str(tmp_path), tp, teacher)
 
 
 def test_cli_refuses_a_soft_capped_teacher_with_exit_2(demo_assets, tmp_path):
