@@ -79,6 +79,7 @@ class ActorGroup:
         group's placement group, ready). With `log_dir`, actor i's output (its own, vLLM's,
         DeepSpeed's, its child processes') goes to LOG_DIR/NAME_i.log (see log_to_file)."""
         self.name, self.n, self.log_dir = name, n, log_dir
+        resources = {k: v for k, v in (resources or {}).items() if v > 0}  # 0: not required
         self.pg = placement_group([bundle(num_cpus, num_gpus, resources)] * n, strategy="PACK",
                                   name=f"rayskd-{name}-{os.getpid()}")
         ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)

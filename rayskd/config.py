@@ -85,7 +85,8 @@ class TeacherConfig:
     # > 1: each teacher worker is this many ranks, the model sharded over them by transformers'
     # tensor-parallel plan (one device each: NCCL on GPUs, gloo on CPU)
     tensor_parallel_size: int = 1
-    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. a node label
+    # custom Ray resources per actor, e.g. a node label (0: none of it, to unpin a role on a resume)
+    resources: Dict[str, float] = field(default_factory=dict)
     top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
     # the teacher scores the student's tokens, rendered with the student's chat template: a
     # teacher whose own template renders a conversation differently is refused unless this is set
@@ -344,8 +345,9 @@ def validate(cfg: Config) -> None:
     _check(learner.world_size >= 1, "learner.world_size", "must be >= 1")
     for section, c in (("rollout", rollout), ("teacher", teacher), ("learner", learner)):
         for name, amount in c.resources.items():
-            _check(amount > 0 and name not in ("CPU", "GPU"), f"{section}.resources.{name}",
-                   "custom resources need a positive amount (set CPU/GPU with gpus_per_worker)")
+            _check(amount >= 0 and name not in ("CPU", "GPU"), f"{section}.resources.{name}",
+                   "custom resources need an amount >= 0 (0 drops the requirement, e.g. on a resume; "
+                   "set CPU/GPU with gpus_per_worker)")
     _check(teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     _check(teacher.micro_batch_size >= 1, "teacher.micro_batch_size", "must be >= 1")
     _check(teacher.max_tokens_per_batch >= 0, "teacher.max_tokens_per_batch", "must be >= 0 (0: micro_batch_size rows)")

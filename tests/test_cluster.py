@@ -116,3 +116,16 @@ def test_rollout_and_learners_on_different_nodes(demo_assets, two_nodes, tmp_pat
     assert all(m["sync_s"] > 0 for m in rows)
     # the engine on the rollout node serves exactly the weights the learners on the other node pushed
     assert all(m["sampler_mismatch_max"] < 1e-3 for m in rows)
+
+    # elastic resume onto another node layout: the two learner ranks of the learner node become
+    # one rank on the rollout node, beside the engine and the teacher
+    rollout_node = placement["rollout"][0]
+    r = subprocess.run([sys.executable, "-m", "rayskd", "resume", str(run), "run.steps=3", "learner.world_size=1",
+                        "learner.resources.learner_node=0", "learner.resources.rollout_node=1"],
+                       env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step 2" in r.stdout, r.stdout[-2000:]
+    placement = _json.load(open(run / "placement.json"))
+    assert placement["learner"] == [rollout_node] and placement["rollout"] == [rollout_node]
+    rows = [_json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [m["step"] for m in rows] == [1, 2, 3] and rows[2]["sampler_mismatch_max"] < 1e-3
