@@ -42,6 +42,15 @@ def kill_after_checkpoint(config, args, run_dir, step: int) -> None:
     proc.wait()
 
 
+def learner_tensors(run_dir, step: int = 4) -> dict:
+    """Every tensor of a checkpoint's learner state (masters and Adam moments by name)."""
+    from safetensors.torch import load_file
+
+    directory = run_dir / "checkpoints" / f"step_{step:06d}" / "learner"
+    return {k: v.double() for f in sorted(os.listdir(directory)) if f.startswith("state-")
+            for k, v in load_file(directory / f).items()}
+
+
 def close(a, b, rel=1e-4) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= rel * max(1.0, abs(a))
@@ -73,8 +82,9 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
     cut = tmp_path / "cut"
     kill_after_checkpoint(config, args, cut, 2)
     assert len(metrics(cut)) >= 2
+    other_stage = 5 - stage  # 2 <-> 3
     layouts = {"one_rank": ["learner.world_size=1", "rollout.num_workers=2"],
-               "three_ranks": ["learner.world_size=3", "teacher.num_workers=2"]}
+               "three_ranks": ["learner.world_size=3", "teacher.num_workers=2", f"learner.zero_stage={other_stage}"]}
     for name in layouts:
         shutil.copytree(cut, tmp_path / name)
 
@@ -98,6 +108,12 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
                 assert close(ma.get(key), mc.get(key)), (name, ma["step"], key, ma.get(key), mc.get(key))
         written = json.load(open(tmp_path / name / "checkpoints" / "step_000004" / "learner" / "state.json"))
         assert written["world_size"] == int(overrides[0].split("=")[1]) and written["step"] == 4
+        assert written["zero_stage"] == (other_stage if name == "three_ranks" else stage)
+        # the optimizer state after two more updates: every master and moment as the original's
+        ours, theirs = learner_tensors(tmp_path / name), learner_tensors(full)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert float((ours[key] - theirs[key]).norm()) <= 1e-4 * float(theirs[key].norm()) + 1e-12, (name, key)
 
     # checkpoints: the newest keep_checkpoints (2) are kept, each complete and loadable
     names = sorted(os.listdir(cut / "checkpoints"))
