@@ -357,10 +357,16 @@ def main() -> int:
             results[name]["engines"][engine] = r
             print(f"[bench] {name}: {engine}: {r['s_per_step']:.3f} s/step, {r['samples_per_s']:.0f} samples/s, "
                   f"startup {r['startup_s']:.1f} s", flush=True)
-        others = {e: r for e, r in results[name]["engines"].items() if e != "rayskd"}
-        if "rayskd" in results[name]["engines"] and others:
-            ours = results[name]["engines"]["rayskd"]["samples_per_s"]
-            results[name]["rayskd_vs"] = {e: round(ours / r["samples_per_s"], 2) for e, r in others.items()}
+        engines_run = results[name]["engines"]
+        trl = {e: r for e, r in engines_run.items() if e not in RAYSKD_VARIANTS}
+        if "rayskd" in engines_run:
+            ours = engines_run["rayskd"]["samples_per_s"]
+            results[name]["rayskd_vs"] = {e: round(ours / r["samples_per_s"], 2) for e, r in engines_run.items()
+                                          if e != "rayskd"}
+        # every rayskd variant against every TRL trainer, side by side from this one run
+        results[name]["variant_vs_trl"] = {v: {e: round(engines_run[v]["samples_per_s"] / r["samples_per_s"], 2)
+                                               for e, r in trl.items()}
+                                           for v in RAYSKD_VARIANTS if v in engines_run}
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "trl": TRL_VERSION,
               "command": " ".join(["python", "scripts/bench_peers.py", *sys.argv[1:]]), "settings": results}
     if os.path.exists(args.out) and set(settings) != set(SETTINGS):  # a partial run keeps the other settings
@@ -383,6 +389,9 @@ def table(report: dict) -> str:
             tps = f"{e['tokens_per_s']:.0f}" if e.get("tokens_per_s") else "-"
             lines.append(f"{name:<14}{engine:<18}{e['s_per_step']:>8.3f}{e['samples_per_s']:>11.0f}{tps:>10}"
                          f"{e['startup_s']:>11.1f}{e['peak_mem_gib']:>10.2f}  {f'{ratio}x' if ratio else ''}")
+    for name, r in report["settings"].items():
+        for variant, ratios in r.get("variant_vs_trl", {}).items():
+            lines.append(f"{name}: {variant} vs " + ", ".join(f"{e} {x}x" for e, x in ratios.items()))
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_system import FAST, metrics, rayskd
+from test_system import metrics, rayskd
 
 pytestmark = pytest.mark.slow
 
@@ -129,14 +129,9 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
     sampler = json.load(open(ck / "trainer.json"))["sampler"]
     assert (sampler["epoch"], sampler["position"]) == (1, 48)  # two full passes; the next call starts pass 3
 
-
-def test_resume_of_a_finished_run_trains_nothing_more_and_can_extend(demo_assets, tmp_path, no_leftover_engines):
-    config = os.path.abspath("configs/demo.yaml")
-    run = tmp_path / "run"
-    r = rayskd("train", config, "run.steps=1", f"run.output_dir={run}", "learner.world_size=1", *FAST)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = rayskd("resume", str(run), "run.steps=2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in metrics(run)] == [1, 2]
-    r = rayskd("train", config, "run.steps=1", f"run.output_dir={run}")
-    assert r.returncode == 2 and "rayskd resume" in r.stderr
+    if stage == 2:  # a finished run: `train` into it is refused, `resume` extends it
+        r = rayskd("train", config, *args, f"run.output_dir={full}")
+        assert r.returncode == 2 and "rayskd resume" in r.stderr
+        r = rayskd("resume", str(full), "run.steps=5")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert [m["step"] for m in metrics(full)] == [1, 2, 3, 4, 5]
