@@ -166,8 +166,16 @@ def greedy_accuracy(model, tok, rows, max_new_tokens: int = 5, batch_size: int =
     return sum(solves(r, t[0]) for r, t in zip(rows, texts)) / max(len(rows), 1)
 
 
-def fingerprint(seed: int, recipe: dict = RECIPE) -> str:
-    return hashlib.sha256(json.dumps({"seed": seed, **recipe}, sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint(seed: int, recipe: dict = RECIPE, build=None) -> str:
+    """What a prepared demo was made from: the seed, the recipe and the source of the module
+    that builds it (a changed builder rebuilds; a recipe alone did not, and a stale cache once
+    gave the split demo's comparison a student the code no longer makes)."""
+    import inspect
+    import sys
+
+    source = inspect.getsource(sys.modules[build.__module__]) if build is not None else ""
+    key = json.dumps({"seed": seed, **recipe}, sort_keys=True) + source
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def write_jsonl(path: str, rows) -> None:
@@ -193,7 +201,7 @@ def prepare_demo(out_dir: str, seed: int = 0, log=print, task: str = "arith") ->
     recipe, build = tasks()[task]
     out_dir = os.path.abspath(out_dir)
     report_path = os.path.join(out_dir, "report.json")
-    fp = fingerprint(seed, recipe)
+    fp = fingerprint(seed, recipe, build)
     if os.path.isfile(report_path):
         with open(report_path) as f:
             report = json.load(f)
