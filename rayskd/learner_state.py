@@ -13,11 +13,14 @@ Layout, in a checkpoint's `learner/` directory:
                                  layout it was written by, and which file holds which parameter
     rng_rank{r}.safetensors      rank r's torch RNG state (a new rank takes rank 0's)
 
-Whole tensors are assembled with DeepSpeed's public `deepspeed.utils.safe_get_full_*` /
-`safe_set_full_*` (ZeRO 1-3: collectives, so every rank walks the parameters in the same
-order). Stage 0 keeps whole tensors already: the parameter itself, or its fp32 copy in
-DeepSpeed's bf16 optimizer. The one private part is where the torch optimizer's state lives
-before the first step (`optimizer_tensors`), which a restore into a fresh engine must create.
+Whole tensors are assembled with DeepSpeed's public `deepspeed.utils.safe_get_full_*` (ZeRO 1-3:
+collectives, so every rank walks the parameters in the same order) and put back with
+`safe_set_full_*` (ZeRO-1/2) or `safe_set_local_*` (ZeRO-3: each rank its padded partition,
+since DeepSpeed 0.19.8's set_full overruns the last rank's). Stage 0 keeps whole tensors
+already: the parameter itself, or its fp32 copy in DeepSpeed's bf16 optimizer. DeepSpeed
+internals used, all in this file: where the torch optimizer's tensors live before the first
+step (`optimizer_tensors`, which a restore into a fresh engine must give state), the ZeRO-1/2
+hook that links parameters to that state, and a ZeRO-3 parameter's partition (`ds_tensor`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Elastic resume at the learner: a checkpoint written by 2 ranks at ZeRO-2 is restored by 1, 2
-and 3 ranks at ZeRO-2 and ZeRO-3 (real DeepSpeed ranks on gloo in real Ray actors). What is
+and 3 ranks at ZeRO-2 and ZeRO-3 (and by stage 0 and stage 1) (real DeepSpeed ranks on gloo in real Ray actors). What is
 restored is exactly what was saved (every parameter's fp32 master and both Adam moments, the
 step); the next update equals the original layout's, bit for bit when the layout is unchanged
 and to float tolerance (summation order) when it is not; and a ZeRO-3 checkpoint holds the
@@ -93,7 +93,7 @@ def test_a_checkpoint_resumes_on_other_rank_counts_and_zero_stages(demo_assets, 
         expected = original.weights()
         original.kill()
 
-        for world_size, stage in ((2, 2), (1, 2), (3, 2), (1, 3), (2, 3), (3, 3)):
+        for world_size, stage in ((2, 2), (1, 2), (3, 2), (1, 3), (2, 3), (3, 3), (1, 0), (2, 1)):
             resumed = Learners(assets, len(tok), world_size, stage)
             try:
                 resumed.load(tmp_path / "ck")
