@@ -105,8 +105,9 @@ def test_a_checkpoint_resumes_on_other_rank_counts_and_zero_stages(demo_assets, 
                 diff = max_diff(resumed.weights(), expected)
                 if (world_size, stage) == (2, 2):
                     assert diff == 0.0 and got_norm == norm  # an unchanged layout continues bit for bit
-                else:
-                    assert abs(got_norm - norm) <= 1e-5 * norm and diff < 1e-5, (world_size, stage, got_norm, norm, diff)
+                else:  # (DeepSpeed reports no global gradient norm at stage 0: the weights say it)
+                    assert stage == 0 or abs(got_norm - norm) <= 1e-5 * norm, (world_size, stage, got_norm, norm)
+                    assert diff < 1e-5, (world_size, stage, diff)
             finally:
                 resumed.kill()
         again = Learners(assets, len(tok), 1, 2)
