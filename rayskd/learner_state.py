@@ -84,15 +84,14 @@ def full_tensors(engine, param: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _set_full_tensors(engine, param: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-    """Each rank copies its own fragment of `values` into the optimizer (and the model weight)."""
+    """Each rank copies its own fragment of `values` (on the optimizer's device) into the
+    optimizer, and into the model weight."""
     import deepspeed
     from deepspeed.utils import (
         safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
         safe_set_local_optimizer_state,
     )
 
-    device = optimizer_tensors(engine)[0].device
-    values = {k: v.to(device) for k, v in values.items()}
     master = None
     if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition (DeepSpeed's set_full misses the last one's padding)
         per = param.ds_tensor.numel()
@@ -199,12 +198,17 @@ def save(engine, model, directory: str, rank: int, world_size: int, extra: dict)
     flush()
     meta = {"step": step_count(engine), "hyperparameters": _hyperparameters(engine),
             "zero_stage": engine.zero_optimization_stage(), "world_size": world_size, "parameters": index, **extra}
-    with open(os.path.join(out, "state.json"), "w") as f:
+    with open(meta_path(directory), "w") as f:
         json.dump(meta, f, indent=1)
 
 
+def meta_path(directory: str) -> str:
+    """A checkpoint's state.json (its absence: not a checkpoint this format can resume)."""
+    return os.path.join(directory, STATE_DIR, "state.json")
+
+
 def read_meta(directory: str) -> dict:
-    with open(os.path.join(directory, STATE_DIR, "state.json")) as f:
+    with open(meta_path(directory)) as f:
         return json.load(f)
 
 
@@ -223,16 +227,12 @@ def load(engine, model, directory: str, rank: int) -> dict:
     for group in torch_optimizer(engine).param_groups:
         group.update({k: (tuple(v) if isinstance(group.get(k), tuple) else v)
                       for k, v in meta["hyperparameters"].items() if k in group})
-    handles = {}
-    try:
-        for name, param in params:
-            file = meta["parameters"][name]
-            if file not in handles:
-                handles[file] = safe_open(os.path.join(src, file), "pt")
-            values = {k: handles[file].get_tensor(f"{name}/{k}") for k in ("master", *MOMENTS)}
-            _set_full_tensors(engine, param, values)  # collective under ZeRO-3: every rank, same order
-    finally:
-        handles.clear()
+    device = optimizer_tensors(engine)[0].device
+    files = {f: safe_open(os.path.join(src, f), "pt") for f in sorted(set(meta["parameters"].values()))}
+    for name, param in params:
+        stored = files[meta["parameters"][name]]
+        values = {k: stored.get_tensor(f"{name}/{k}").to(device) for k in ("master", *MOMENTS)}
+        _set_full_tensors(engine, param, values)  # collective under ZeRO-3: every rank, same order
     rng = os.path.join(src, f"rng_rank{rank}.safetensors")
     torch.set_rng_state(load_file(rng if os.path.exists(rng) else os.path.join(src, "rng_rank0.safetensors"))["state"])
     return meta

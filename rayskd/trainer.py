@@ -36,7 +36,7 @@ RESUME_LOGPROB_TOLERANCE = 1e-3  # engine vs restored learner, max |log-prob dif
 def check_resume(found: tuple[int, str] | None) -> None:
     """A checkpoint this version cannot resume from: UsageError (exit 2) before anything starts.
     Any learner count and ZeRO stage can resume any checkpoint (learner_state.py)."""
-    if found is not None and not os.path.isfile(os.path.join(found[1], learner_state.STATE_DIR, "state.json")):
+    if found is not None and not os.path.isfile(learner_state.meta_path(found[1])):
         raise UsageError(f"checkpoint {found[1]} was written by an earlier rayskd (per-rank optimizer partitions, "
                          f"no {learner_state.STATE_DIR}/state.json); resume it with the version that wrote it")
 
