@@ -42,10 +42,11 @@ def _check_model(key: str, path: str) -> None:
 def check_logit_head(key: str, path: str) -> None:
     """rayskd forms logits as h @ W^T from the final hidden state, in fp32 chunks (never the
     model's own full logits): refuse architectures where that is not what the model computes
-    (an LM-head bias, logit scaling or soft-capping). Reads the config and builds the model
-    on the meta device: no weights are loaded."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    (an LM-head bias, logit scaling or soft-capping). Reads the config and, for the bias, the
+    checkpoint's tensor names and shapes (a few KB of safetensors headers); only a directory
+    without safetensors weights builds the model on the meta device, which imports
+    transformers' modelling code (~4 s of a CPU core, before anything else can start)."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -54,11 +55,45 @@ def check_logit_head(key: str, path: str) -> None:
         if value not in NEUTRAL:
             raise UsageError(f"{key}: {path} ({config.model_type}) {what} ({attr}={value}); rayskd computes "
                              f"log-probs as hidden @ lm_head^T and does not support such models yet")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+    shapes = checkpoint_shapes(path)
+    has_bias = head_bias_in(shapes, text.vocab_size) if shapes else meta_head_has_bias(config)
+    if has_bias:
         raise UsageError(f"{key}: {path} ({config.model_type}) has a bias on its LM head; rayskd computes "
                          f"log-probs as hidden @ lm_head^T and does not support such models yet")
+
+
+def checkpoint_shapes(path: str) -> dict[str, list[int]]:
+    """{tensor name: shape} of every safetensors file in `path` (headers only); empty when the
+    weights are not in safetensors."""
+    import glob
+
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, "pt") as f:
+            shapes.update({name: f.get_slice(name).get_shape() for name in f.keys()})
+    return shapes
+
+
+def head_bias_in(shapes: dict[str, list[int]], vocab_size: int) -> bool:
+    """A bias of `vocab_size` entries beside a [vocab_size, hidden] weight of the same module:
+    an output projection onto the vocabulary with a bias, whatever the architecture names it."""
+    for name, shape in shapes.items():
+        if name.endswith(".bias") and list(shape) == [vocab_size]:
+            weight = shapes.get(name[:-len("bias")] + "weight")
+            if weight is not None and len(weight) == 2 and weight[0] == vocab_size:
+                return True
+    return False
+
+
+def meta_head_has_bias(config) -> bool:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return getattr(model.get_output_embeddings(), "bias", None) is not None
 
 
 def check_tensor_parallel(key: str, path: str, tp: int, teacher: bool) -> None:
@@ -165,6 +200,24 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
                  need_train: bool = True) -> Inputs:
     """Everything a run needs, checked before anything starts. `need_train=False` (rayskd eval):
     the eval split only."""
+    from .rewards.runner import RewardError, RewardRunner
+
+    # the reward function is imported in a process of its own, as training will: started first,
+    # so that its imports overlap the model and data checks below
+    runner = RewardRunner(cfg.reward.name, cfg.reward.function, cfg.reward.timeout_s, (os.getcwd(),),
+                          cfg.reward.max_memory_mb, wait=False)
+    try:
+        inputs = _check_inputs(cfg, need_teacher, need_rehearsal, need_train)
+        rows = (inputs.train or inputs.eval).rows[:REWARD_PROBE_ROWS]
+        runner.check([(r["prompt"], str(r["answer"]), r["answer"]) for r in rows])  # tried on a few rows
+    except RewardError as e:
+        raise UsageError(f"reward: {e}") from None
+    finally:
+        runner.close()
+    return inputs
+
+
+def _check_inputs(cfg: Config, need_teacher: bool, need_rehearsal: bool, need_train: bool) -> Inputs:
     if cfg.run.wandb_project:
         import importlib.util
 
@@ -211,17 +264,4 @@ def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = 
     if limit is not None and max_model_len > limit:
         raise UsageError(f"data.max_prompt_tokens + rollout.max_new_tokens = {max_model_len} exceeds the student's "
                          f"max_position_embeddings={limit}")
-    from .rewards.runner import RewardError, RewardRunner
-
-    runner = None
-    try:  # import the reward function in a separate process, as training will, and try it on a few rows
-        runner = RewardRunner(cfg.reward.name, cfg.reward.function, cfg.reward.timeout_s, (os.getcwd(),),
-                              cfg.reward.max_memory_mb)
-        rows = (train or evals).rows[:REWARD_PROBE_ROWS]
-        runner.check([(r["prompt"], str(r["answer"]), r["answer"]) for r in rows])
-    except RewardError as e:
-        raise UsageError(f"reward: {e}") from None
-    finally:
-        if runner is not None:
-            runner.close()
     return Inputs(len(student_tok), student_tok.eos_token_id, train, evals, max_model_len)

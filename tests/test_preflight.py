@@ -23,18 +23,42 @@ def tiny(kind):
             "qwen2": Qwen2Config(**small)}[kind]
 
 
+def save_tiny(kind, path, weights):
+    """The config alone (the check builds the model on the meta device) or a whole checkpoint
+    (the check reads the safetensors headers)."""
+    if not weights:
+        tiny(kind).save_pretrained(path)
+        return
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny(kind)).save_pretrained(path, safe_serialization=True)
+
+
+@pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("kind,what", [("gemma2", "soft-caps"), ("cohere", "multiplies its logits"),
                                        ("phi", "bias on its LM head")])
-def test_models_whose_logits_are_not_a_linear_head_are_refused(kind, what, tmp_path):
+def test_models_whose_logits_are_not_a_linear_head_are_refused(kind, what, weights, tmp_path):
     """Issue 8.8: refused with what the model does, until rayskd supports it."""
-    tiny(kind).save_pretrained(tmp_path)
+    save_tiny(kind, tmp_path, weights)
     with pytest.raises(UsageError, match=what):
         check_logit_head("student.path", str(tmp_path))
 
 
-def test_a_plain_linear_head_passes(tmp_path):
-    tiny("qwen2").save_pretrained(tmp_path)
+@pytest.mark.parametrize("weights", [False, True])
+def test_a_plain_linear_head_passes(weights, tmp_path):
+    save_tiny("qwen2", tmp_path, weights)
     check_logit_head("teacher.path", str(tmp_path))
+
+
+def test_the_head_bias_is_read_from_the_checkpoint_without_building_the_model(tmp_path, monkeypatch):
+    """With safetensors weights the check reads tensor names and shapes only: the modelling
+    code (seconds of import before anything can start) is not needed."""
+    import rayskd.preflight as preflight
+
+    save_tiny("phi", tmp_path, weights=True)
+    monkeypatch.setattr(preflight, "meta_head_has_bias", lambda config: pytest.fail("built the model"))
+    with pytest.raises(UsageError, match="bias on its LM head"):
+        check_logit_head("student.path", str(tmp_path))
 
 
 @pytest.mark.parametrize("change,tp,teacher,what", [

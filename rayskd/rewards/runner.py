@@ -122,22 +122,32 @@ class RewardRunner:
     """Scores batches of samples in a child process. `score(items)` -> (rewards, stats)."""
 
     def __init__(self, name: str, function: str | None, timeout_s: float, extra_path: tuple[str, ...] = (),
-                 max_memory_mb: int = 0):
+                 max_memory_mb: int = 0, wait: bool = True):
+        """`wait=False`: return once the child is started; it is waited for at the first use
+        (or `wait_ready`), so its imports (a second or two of a core) overlap the caller's work."""
         self.name, self.function, self.timeout_s, self.extra_path = name, function, timeout_s, tuple(extra_path)
         self.max_memory_mb = max_memory_mb
         self.label = function or name
         self.logged = 0
         self.first_failure: str | None = None  # what the first failed sample of the last `score` call hit
-        self._proc = None
-        self._start()
+        self._proc, self._ready = None, False
+        self._spawn()
+        if wait:
+            self.wait_ready()
 
-    def _start(self):
+    def _spawn(self):
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child, args=(child_conn, self.name, self.function, self.extra_path,
                                                       self.max_memory_mb), daemon=True, name="rayskd-reward")
         self._proc.start()
+        self._ready = False
         child_conn.close()  # ours is gone: the child's death shows as EOF here
+
+    def wait_ready(self):
+        """Wait until the child has loaded the reward function; RewardError if it could not."""
+        if self._ready:
+            return
         if not self._conn.poll(START_TIMEOUT_S):
             self.close()
             raise RewardError(f"reward {self.label}: the reward process did not start")
@@ -149,6 +159,7 @@ class RewardRunner:
         if kind != "ready":
             self.close()
             raise RewardError(msg)
+        self._ready = True
 
     def _note(self, what: str, item) -> None:
         """A sample scored 0 for `what`: remembered (the first of a `score` call) and logged."""
@@ -159,6 +170,7 @@ class RewardRunner:
             log.warning("reward %s scored a sample 0 (%s); completion %r", self.label, what, item[1][:80])
 
     def score(self, items: list[tuple[str, str, str]]) -> tuple[list[float], dict]:
+        self.wait_ready()
         stats = {"reward_errors": 0, "reward_timeouts": 0}
         rewards: list[float] = []
         self.first_failure = None
@@ -200,10 +212,11 @@ class RewardRunner:
 
     def _restart(self):
         self.close()
-        self._start()
+        self._spawn()
+        self.wait_ready()
 
     def close(self):
-        if self._proc is not None:
+        if getattr(self, "_proc", None) is not None:
             try:
                 self._conn.send(None)
             except Exception:
