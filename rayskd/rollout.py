@@ -122,8 +122,16 @@ class RolloutEngine:
             import torch._dynamo
 
             torch._dynamo.config.disable = True
+        # the reward process starts first: its imports overlap vLLM's
+        self.rewards = RewardRunner(reward.name, reward.function, reward.timeout_s, extra_path, reward.max_memory_mb,
+                                    wait=False)
         from vllm import LLM
 
+        # vLLM runs gc.collect() several times while it starts; each would walk every object
+        # the imports above made (1.2 s of a core measured): those live as long as the process
+        import gc
+
+        gc.freeze()
         # "RotaryEmbedding: Failed to load weights" on every in-place reload: it has none
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.llm = LLM(
@@ -144,7 +152,7 @@ class RolloutEngine:
         # tokenizer's rows only, so the engine must never sample (or normalise over) the others
         rows, real = self.llm.llm_engine.model_config.get_vocab_size(), len(self.tokenizer)
         self.padding_bias = {i: float("-inf") for i in range(real, rows)} or None
-        self.rewards = RewardRunner(reward.name, reward.function, reward.timeout_s, extra_path, reward.max_memory_mb)
+        self.rewards.wait_ready()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -167,10 +175,14 @@ class RolloutEngine:
 
     def _stops(self) -> dict:
         """Where generation ends besides the tokenizer's EOS: every end id of the generation
-        config, and rollout.stop strings (none of it when sampling exactly max_new_tokens)."""
+        config, and rollout.stop strings (none of it when sampling exactly max_new_tokens).
+        Without stop strings vLLM need not detokenize: rayskd reads token ids and decodes each
+        response once for its reward, while vLLM would decode every sampled token (and its
+        log-prob's token) at every decoding step."""
         if self.cfg.ignore_eos:
-            return {}
-        return {"stop_token_ids": self.stop_ids, "stop": list(self.cfg.stop) or None}
+            return {"detokenize": False}
+        return {"stop_token_ids": self.stop_ids, "stop": list(self.cfg.stop) or None,
+                "detokenize": bool(self.cfg.stop)}
 
     def generate(self, prompts: PromptBatch, step: int, greedy: bool = False, n: int | None = None) -> RolloutShard:
         """n responses for every prompt (groups contiguous). Sampling is seeded per prompt by
