@@ -119,6 +119,32 @@ def skip_cpu_shm_comm_op() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def skip_muon_import() -> None:
+    """DeepSpeed imports its Muon optimizer lazily, in ZeRO's set-up and update paths, to ask
+    whether the optimizer is a Muon one (and to have `muon_update` at hand for parameters marked
+    `use_muon`), and that import torch.compiles Muon's kernels: torch._inductor, ~2.2 s of a
+    core in every rank (measured on CPU). rayskd always passes its own torch AdamW and marks no
+    parameter, so the learners give DeepSpeed stand-ins: a Muon class nothing is an instance
+    of, and a `muon_update` that refuses to run (DeepSpeed 0.19.8; tests/test_learner.py)."""
+    import sys
+    import types
+
+    class MuonWithAuxAdam:  # isinstance(torch AdamW, this) is False, as it should be
+        pass
+
+    def muon_update(*args, **kwargs):
+        raise RuntimeError("rayskd's learners do not use DeepSpeed's Muon (see learner.skip_muon_import)")
+
+    for name in MUON_MODULES:
+        if name not in sys.modules:
+            stand_in = types.ModuleType(name, "rayskd: a stand-in, DeepSpeed's Muon is not used by rayskd")
+            stand_in.MuonWithAuxAdam, stand_in.muon_update = MuonWithAuxAdam, muon_update
+            sys.modules[name] = stand_in
+
+
 class Learner:
     def __init__(self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int):
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
@@ -135,6 +161,7 @@ class Learner:
         backend = "nccl" if self.gpu else "gloo"
         if not self.gpu:
             skip_cpu_shm_comm_op()
+        skip_muon_import()
         init_process_group(backend, master_addr, master_port, rank, world_size)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
         torch.manual_seed(spec.seed)

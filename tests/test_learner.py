@@ -72,3 +72,19 @@ def test_non_finite_loss_skips_the_update(learner):
     good = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
     out = train(learner, 2, s, good)  # and the next finite step trains normally
     assert not out.skipped and not torch.equal(params(learner), before)
+
+
+def test_deepspeed_trains_without_importing_muon(learner):
+    """DeepSpeed's Muon (which torch.compiles its kernels when imported: ~2 s of start-up per
+    rank) is replaced by stand-ins in the learner; the updates above ran through every ZeRO path
+    that asks for it, and the stand-in refuses if anything ever tried to use it."""
+    import sys
+
+    from rayskd.learner import MUON_MODULES
+
+    s = shard([[0, 5, 2, 12], [0, 5, 3, 12], [0, 1, 12], [1, 12]], [1.0, 0.0, 0.0, 0.0])
+    train(learner, 3, s, TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR()))
+    for name in MUON_MODULES:
+        assert sys.modules[name].__doc__.startswith("rayskd: a stand-in"), name
+    with pytest.raises(RuntimeError, match="do not use DeepSpeed's Muon"):
+        sys.modules[MUON_MODULES[1]].muon_update(None)
