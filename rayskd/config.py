@@ -142,6 +142,7 @@ class LearnerConfig:
     warmup_steps: int = 0  # linear warm-up of the learning rate over this many updates
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # rows per micro-batch (the last of a step may hold fewer): one optimizer update per step either way
     micro_batch_size: int = 4
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by token budget, as teacher.max_tokens_per_batch
     bf16: bool = False
@@ -391,10 +392,6 @@ def validate(cfg: Config) -> None:
     _check(sequences % learner.world_size == 0, "algorithm.prompts_per_step",
            f"prompts_per_step x samples_per_prompt = {sequences} sequences must split evenly over "
            f"learner.world_size={learner.world_size} ranks")
-    per_rank = sequences // learner.world_size
-    _check(learner.max_tokens_per_micro_batch or per_rank % learner.micro_batch_size == 0, "learner.micro_batch_size",
-           f"each rank trains {per_rank} sequences per step, not a multiple of micro_batch_size="
-           f"{learner.micro_batch_size}")
 
     _check(algo.max_staleness >= 0, "algorithm.max_staleness", "must be >= 0 (0: strictly on-policy)")
     _check(rollout.prompts_per_request >= 0, "rollout.prompts_per_request", "must be >= 0 (0: automatic)")

@@ -44,7 +44,7 @@ def test_overrides_and_read_only():
     ("algorithm.kd.divergence=js", "algorithm.kd.estimator"),
     ("algorithm.kd.estimator=topk", "teacher.top_k"),
     ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
-    ("learner.micro_batch_size=5", "learner.micro_batch_size"),
+    ("learner.micro_batch_size=0", "learner.micro_batch_size"),
     ("learner.world_size=3", "algorithm.prompts_per_step"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("rollout.top_p=0.9", "rollout.top_p"),
