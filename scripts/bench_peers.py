@@ -3,16 +3,17 @@
 
     python scripts/bench_peers.py [--settings demo,long,teacher_heavy] [--engines ...]
 
-Engines: rayskd (the CLI, configs/demo.yaml with the setting's overrides and
-algorithm.max_staleness=1, two learner ranks), rayskd_one_learner (the same with one learner
-rank: on a 2-core machine a second rank adds a gloo all-reduce and a process competing for
-the same cores), rayskd_sequential (two ranks, strictly on-policy with an fp32
-teacher: how rayskd ran before the pipeline), TRL's
-DistillationTrainer (on-policy, beta=1: reverse KL), GKDTrainer (lmbda=1: on-policy, beta=1)
-and GRPOTrainer (no teacher), all with HF generate in one process, fp32 on CPU. Every engine
-gets the same student, teacher, prompts, sequences per update and new tokens; in `long` and
-`teacher_heavy` every response is exactly max_new_tokens long (rayskd: rollout.ignore_eos;
-TRL: min_new_tokens).
+Engines: rayskd (the CLI: configs/demo.yaml, the demo's one learner rank, with the setting's
+overrides and algorithm.max_staleness=1), rayskd_two_learners (the same with two learner
+ranks: on a 2-core machine a second rank adds a gloo all-reduce and a process competing for
+the same cores), rayskd_sequential (two ranks, strictly on-policy with an fp32 teacher: how
+rayskd ran before the pipeline), TRL's DistillationTrainer (on-policy, beta=1: reverse KL),
+GKDTrainer (lmbda=1: on-policy, beta=1) and GRPOTrainer (no teacher), all with HF generate in
+one process, fp32 on CPU. Every engine gets the same student, teacher, prompts, sequences per
+update and new tokens, and trains an update in one forward and backward pass (TRL: its whole
+per-device batch; rayskd: each rank's share, and the teacher scores a request at once); in
+`long` and `teacher_heavy` every response is exactly max_new_tokens long (rayskd:
+rollout.ignore_eos; TRL: min_new_tokens).
 
 Per engine and setting: s_per_step (median over the measured steps, after warm-up),
 samples_per_s, tokens_per_s (response tokens), startup_s (process start to the first
@@ -50,20 +51,20 @@ TEACHER_10X = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8
 SETTINGS = {
     # the demo as configs/demo.yaml runs it: 32 prompts x 8 samples, natural lengths (<= 6)
     "demo": dict(student="demo", teacher="demo", prompts=32, samples=8, max_new_tokens=6, forced=False,
-                 warmup=3, measure=8, micro_batch=64),
+                 warmup=3, measure=8),
     # a >= 10M student, a teacher >= 4x its size, 128 new tokens per sequence
     "long": dict(student=STUDENT_10M, teacher=TEACHER_4X, prompts=8, samples=4, max_new_tokens=128, forced=True,
-                 warmup=2, measure=3, micro_batch=16),
+                 warmup=2, measure=3),
     # a teacher >= 10x the student
     "teacher_heavy": dict(student=SMALL, teacher=TEACHER_10X, prompts=8, samples=4, max_new_tokens=128, forced=True,
-                          warmup=2, measure=3, micro_batch=16),
+                          warmup=2, measure=3),
 }
 # rayskd as configured here (generation overlapped with learning), and as it ran before the
 # pipeline (strictly on-policy, fp32 teacher) for the before/after ratio in the same run
 RAYSKD_VARIANTS = {
-    "rayskd": ["algorithm.max_staleness=1"],
-    "rayskd_one_learner": ["algorithm.max_staleness=1", "learner.world_size=1"],
-    "rayskd_sequential": ["algorithm.max_staleness=0", "teacher.dtype=float32"],
+    "rayskd": ["algorithm.max_staleness=1", "learner.world_size=1"],
+    "rayskd_two_learners": ["algorithm.max_staleness=1", "learner.world_size=2"],
+    "rayskd_sequential": ["algorithm.max_staleness=0", "teacher.dtype=float32", "learner.world_size=2"],
 }
 ENGINES = (*RAYSKD_VARIANTS, "trl_distillation", "trl_gkd", "trl_grpo")
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # GKD needs one; adds nothing
@@ -157,23 +158,26 @@ def run_measured(cmd: list[str], log_path: str, env: dict | None = None) -> tupl
 
 # ---- rayskd -----------------------------------------------------------------------------
 
-def rayskd_overrides(spec: dict, dirs: dict, out_dir: str) -> list[str]:
-    world = 2
-    per_rank = spec["prompts"] * spec["samples"] // world
+def rayskd_overrides(spec: dict, dirs: dict, out_dir: str, world: int) -> list[str]:
+    """The setting as rayskd config overrides. Like TRL (one forward and backward over its whole
+    per-device batch), each learner rank trains its share in one micro-batch and the teacher
+    scores a request in one batch."""
+    seqs = spec["prompts"] * spec["samples"]
     return [
         f"run.output_dir={out_dir}", f"run.steps={spec['warmup'] + spec['measure']}", "run.eval_every=0",
         "data.eval_path=null", f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}",
         f"rollout.samples_per_prompt={spec['samples']}", f"rollout.max_new_tokens={spec['max_new_tokens']}",
         f"rollout.ignore_eos={str(spec['forced']).lower()}", f"algorithm.prompts_per_step={spec['prompts']}",
-        f"learner.world_size={world}", f"learner.micro_batch_size={min(spec['micro_batch'], per_rank)}",
-        f"teacher.micro_batch_size={spec['micro_batch']}",
+        f"learner.world_size={world}", f"learner.micro_batch_size={seqs // world}", f"teacher.micro_batch_size={seqs}",
     ]
 
 
 def bench_rayskd(variant: str, name: str, spec: dict, dirs: dict, work: str, extra: list[str]) -> dict:
     out_dir = os.path.join(work, name, variant)
-    cmd = [sys.executable, "-m", "rayskd", "train", "configs/demo.yaml", *rayskd_overrides(spec, dirs, out_dir),
-           *RAYSKD_VARIANTS[variant], *extra]
+    variant_overrides = RAYSKD_VARIANTS[variant] + extra
+    world = int(dict(o.split("=", 1) for o in variant_overrides).get("learner.world_size", 1))
+    cmd = [sys.executable, "-m", "rayskd", "train", "configs/demo.yaml", *rayskd_overrides(spec, dirs, out_dir, world),
+           *variant_overrides]
     rc, peak = run_measured(cmd, os.path.join(work, f"{name}-{variant}.log"))
     if rc != 0:
         raise RuntimeError(f"{variant} failed in setting {name}: see {work}/{name}-{variant}.log")
