@@ -15,8 +15,10 @@ per-device batch; rayskd: each rank's share, and the teacher scores a request at
 `long` and `teacher_heavy` every response is exactly max_new_tokens long (rayskd:
 rollout.ignore_eos; TRL: min_new_tokens).
 
-Per engine and setting: s_per_step (median over the measured steps, after warm-up),
-samples_per_s, tokens_per_s (response tokens), startup_s (process start to the first
+Every engine runs --rounds times (default 2), in turn, every other round in reverse order (this
+machine's speed drifts over minutes; each engine then sees both ends of the run). Per engine
+and setting: s_per_step (the median over the measured steps after warm-up, then over the
+rounds; each round's is kept), samples_per_s, tokens_per_s (response tokens), startup_s (process start to the first
 update's start), peak_mem_gib (the summed proportional set size of the engine's whole
 process tree: Ray's workers and vLLM's engine core included) and, for rayskd, the per-phase
 split. Writes benchmarks/peers.json and prints a table. Needs `trl` (a benchmark-only
@@ -51,7 +53,7 @@ TEACHER_10X = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8
 SETTINGS = {
     # the demo as configs/demo.yaml runs it: 32 prompts x 8 samples, natural lengths (<= 6)
     "demo": dict(student="demo", teacher="demo", prompts=32, samples=8, max_new_tokens=6, forced=False,
-                 warmup=3, measure=8),
+                 warmup=3, measure=30),
     # a >= 10M student, a teacher >= 4x its size, 128 new tokens per sequence
     "long": dict(student=STUDENT_10M, teacher=TEACHER_4X, prompts=8, samples=4, max_new_tokens=128, forced=True,
                  warmup=2, measure=3),
@@ -314,6 +316,22 @@ def bench_trl(engine: str, name: str, spec: dict, work: str) -> dict:
 
 # ---- driver -----------------------------------------------------------------------------
 
+def combine(rounds: list[dict], seqs: int) -> dict:
+    """An engine's result over the rounds: medians (peak memory: the highest), each round kept.
+    This machine's speed drifts by tens of percent over minutes; rounds in alternating order put
+    every engine at the early and the late end of the run."""
+    med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    s = med("s_per_step")
+    out = {"s_per_step": s, "samples_per_s": seqs / s,
+           "tokens_per_s": med("tokens_per_s") if all(r.get("tokens_per_s") for r in rounds) else None,
+           "startup_s": med("startup_s"), "peak_mem_gib": max(r["peak_mem_gib"] for r in rounds),
+           "rounds_s_per_step": [round(r["s_per_step"], 4) for r in rounds]}
+    if "phases" in rounds[0]:
+        out["phases"] = {k: round(statistics.median(r["phases"][k] for r in rounds), 4) for k in rounds[0]["phases"]}
+        out["overrides"] = rounds[0]["overrides"]
+    return out
+
+
 def machine() -> str:
     import psutil
 
@@ -327,6 +345,7 @@ def main() -> int:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "peers.json"))
     p.add_argument("--rayskd-override", action="append", default=[], help="extra rayskd config overrides")
+    p.add_argument("--rounds", type=int, default=2, help="times each engine runs, in alternating order (default 2)")
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -354,13 +373,19 @@ def main() -> int:
         results[name] = {"spec": {**{k: v for k, v in spec.items() if k not in ("student", "teacher")},
                                   "student_params": param_count(dirs["student"]),
                                   "teacher_params": param_count(dirs["teacher"])}, "engines": {}}
+        rounds: dict[str, list[dict]] = {e: [] for e in engines}
+        for round_ in range(args.rounds):  # engines in turn, every other round in reverse order
+            for engine in engines if round_ % 2 == 0 else engines[::-1]:
+                print(f"[bench] {name}: {engine} (round {round_ + 1}/{args.rounds})", flush=True)
+                round_dir = os.path.join(work, f"round{round_ + 1}")
+                os.makedirs(round_dir, exist_ok=True)
+                r = bench_rayskd(engine, name, spec, dirs, round_dir, args.rayskd_override) \
+                    if engine in RAYSKD_VARIANTS else bench_trl(engine, name, spec, round_dir)
+                rounds[engine].append(r)
+                print(f"[bench] {name}: {engine}: {r['s_per_step']:.3f} s/step, {r['samples_per_s']:.0f} samples/s, "
+                      f"startup {r['startup_s']:.1f} s", flush=True)
         for engine in engines:
-            print(f"[bench] {name}: {engine}", flush=True)
-            r = bench_rayskd(engine, name, spec, dirs, work, args.rayskd_override) if engine in RAYSKD_VARIANTS \
-                else bench_trl(engine, name, spec, work)
-            results[name]["engines"][engine] = r
-            print(f"[bench] {name}: {engine}: {r['s_per_step']:.3f} s/step, {r['samples_per_s']:.0f} samples/s, "
-                  f"startup {r['startup_s']:.1f} s", flush=True)
+            results[name]["engines"][engine] = combine(rounds[engine], spec["prompts"] * spec["samples"])
         engines_run = results[name]["engines"]
         trl = {e: r for e, r in engines_run.items() if e not in RAYSKD_VARIANTS}
         if "rayskd" in engines_run:
