@@ -18,8 +18,8 @@ rollout.ignore_eos; TRL: min_new_tokens).
 Every engine runs --rounds times (default 2), in turn, every other round in reverse order (this
 machine's speed drifts over minutes; each engine then sees both ends of the run). Per engine
 and setting: s_per_step (the median over the measured steps after warm-up, then over the
-rounds; each round's is kept), samples_per_s, tokens_per_s (response tokens), startup_s (process start to the first
-update's start), peak_mem_gib (the summed proportional set size of the engine's whole
+rounds; each round's is kept), samples_per_s, tokens_per_s (response tokens), startup_s
+(process start to the first update's start), peak_mem_gib (the summed proportional set size of the engine's whole
 process tree: Ray's workers and vLLM's engine core included) and, for rayskd, the per-phase
 split. Writes benchmarks/peers.json and prints a table. Needs `trl` (a benchmark-only
 dependency, installed on first use).
@@ -160,26 +160,24 @@ def run_measured(cmd: list[str], log_path: str, env: dict | None = None) -> tupl
 
 # ---- rayskd -----------------------------------------------------------------------------
 
-def rayskd_overrides(spec: dict, dirs: dict, out_dir: str, world: int) -> list[str]:
-    """The setting as rayskd config overrides. Like TRL (one forward and backward over its whole
-    per-device batch), each learner rank trains its share in one micro-batch and the teacher
-    scores a request in one batch."""
+def rayskd_overrides(spec: dict, dirs: dict, out_dir: str) -> list[str]:
+    """The setting as rayskd config overrides (the variant adds its learner count). Like TRL (one
+    forward and backward over its whole per-device batch), each learner rank trains its share in
+    one micro-batch (micro_batch_size is a most) and the teacher scores a request in one batch."""
     seqs = spec["prompts"] * spec["samples"]
     return [
         f"run.output_dir={out_dir}", f"run.steps={spec['warmup'] + spec['measure']}", "run.eval_every=0",
         "data.eval_path=null", f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}",
         f"rollout.samples_per_prompt={spec['samples']}", f"rollout.max_new_tokens={spec['max_new_tokens']}",
         f"rollout.ignore_eos={str(spec['forced']).lower()}", f"algorithm.prompts_per_step={spec['prompts']}",
-        f"learner.world_size={world}", f"learner.micro_batch_size={seqs // world}", f"teacher.micro_batch_size={seqs}",
+        f"learner.micro_batch_size={seqs}", f"teacher.micro_batch_size={seqs}",
     ]
 
 
 def bench_rayskd(variant: str, name: str, spec: dict, dirs: dict, work: str, extra: list[str]) -> dict:
     out_dir = os.path.join(work, name, variant)
-    variant_overrides = RAYSKD_VARIANTS[variant] + extra
-    world = int(dict(o.split("=", 1) for o in variant_overrides).get("learner.world_size", 1))
-    cmd = [sys.executable, "-m", "rayskd", "train", "configs/demo.yaml", *rayskd_overrides(spec, dirs, out_dir, world),
-           *variant_overrides]
+    cmd = [sys.executable, "-m", "rayskd", "train", "configs/demo.yaml", *rayskd_overrides(spec, dirs, out_dir),
+           *RAYSKD_VARIANTS[variant], *extra]
     rc, peak = run_measured(cmd, os.path.join(work, f"{name}-{variant}.log"))
     if rc != 0:
         raise RuntimeError(f"{variant} failed in setting {name}: see {work}/{name}-{variant}.log")

@@ -130,7 +130,7 @@ class RewardRunner:
         self.label = function or name
         self.logged = 0
         self.first_failure: str | None = None  # what the first failed sample of the last `score` call hit
-        self._proc, self._ready = None, False
+        self._proc = None
         self._spawn()
         if wait:
             self.wait_ready()
@@ -216,7 +216,7 @@ class RewardRunner:
         self.wait_ready()
 
     def close(self):
-        if getattr(self, "_proc", None) is not None:
+        if self._proc is not None:
             try:
                 self._conn.send(None)
             except Exception:
