@@ -125,13 +125,15 @@ def shard_from_tensors(tensors: dict, prefix: str, meta: dict) -> RolloutShard:
 
 @dataclass
 class LearnerShare:
-    """One learner rank's part of an update: object refs to its rollout shards and their
-    teacher scores (the rank fetches them itself: the driver never holds token data), and
-    the normalisers of the whole batch (see `losses.aggregate_denominator`)."""
+    """One learner rank's part of an update (`learner.learner_shares`): object refs to its
+    rollout shards and their teacher scores (the rank fetches them itself: the driver never
+    holds token data), which of its sequences the teacher term selects, and the normalisers of
+    the whole batch (`losses.batch_normalisers`)."""
     kd_coef: float
     rehearsal_start: int
     pg_denominator: float
     kd_denominator: float
+    kd_mask: list  # 0/1 per sequence of the share's shards, in order (`losses.kd_sequence_mask`)
     shards: list  # ray ObjectRefs of RolloutShard, contiguous groups
     scores: list  # ray ObjectRefs of TeacherScores, one per shard
 

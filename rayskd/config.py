@@ -15,11 +15,10 @@ from typing import Dict, Optional, Tuple
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .losses import ADVANTAGES, AGGREGATIONS, DISTRIBUTION_DIVERGENCES, F_DIVERGENCES, KD_ESTIMATORS, KD_MASKS, \
-    KD_NORMS, SCHEDULES
+from .losses import (
+    ADVANTAGES, AGGREGATIONS, DIVERGENCES, GENERATORS, KD_MASKS, KD_NORMS, SCHEDULES, TEACHER_ESTIMATORS,
+)
 from .rewards import BUILTIN as BUILTIN_REWARDS
-
-
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line: `<key>: <what is wrong>`."""
@@ -151,16 +150,22 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class KDConfig:
-    divergence: str = "reverse_kl"
-    estimator: str = "k2"  # k2 | k3 | k1_reward | topk
+    """The teacher term (docs/algorithms.md, "The teacher term")."""
+    divergence: str = "reverse_kl"  # a name of losses.DIVERGENCES (the distribution estimators)
+    estimator: str = "k2"  # a name of losses.TEACHER_ESTIMATORS: k2 | k3 | k1_reward | topk
     coef: float = 0.1
     schedule: str = "constant"  # constant | linear
     coef_min: float = 0.0
     decay: float = 0.0  # per step, for schedule=linear
-    mask: str = "all"  # all | incorrect_only | group_unsolved
+    # which responses get the teacher term: all | incorrect_only (not solved: reward < 1) |
+    # group_unsolved (no response of the group solved)
+    mask: str = "all"
     norm: str = "masked"  # masked | all: the normaliser of the masked KD term
     beta: float = 0.5  # generalized_jsd
     skew: float = 0.1  # skew_forward_kl / skew_reverse_kl
+    # a sampled-token estimator's importance weight is sg(min(pi_theta / mu, is_cap)): truncated,
+    # as TIS truncates the GRPO term's (one rare token with mu << pi_theta would dominate the step)
+    is_cap: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -181,11 +186,15 @@ class AlgorithmConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     aggregation: str = "token_mean"
-    tis_cap: float = 0.0  # > 0: truncated importance sampling with this cap
+    # how the GRPO term corrects for sampling by mu (the engine: stale weights, engine/learner
+    # mismatch): 0: the clipped ratio is taken against mu; C > 0: the ratio against the learner's
+    # own log-probs, times the truncated weight sg(min(pi_theta / mu, C)) (TIS). Either applies the
+    # correction once, whatever max_staleness is (docs/algorithms.md, "Off-policy corrections")
+    tis_cap: float = 0.0
     pg_coef: float = 1.0  # weight of the GRPO term: 0 gives on-policy distillation only
     # k >= 1: the rollouts of the next k updates are generated while the learner trains, and no
-    # sample is more than k weight versions old (the sampler's log-probs are then the behaviour
-    # policy); 0: strictly on-policy
+    # sample is more than k weight versions old; 0: each step samples with the newest weights.
+    # The losses correct either way: the sampler's log-probs are always the behaviour policy
     max_staleness: int = 0
     kd: KDConfig = field(default_factory=KDConfig)
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
@@ -288,13 +297,21 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def _choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _named(key: str, value: str, table: dict, about) -> None:
+    """`value` must name an entry of `table` (the implementations, losses/): the message lists
+    each name with one line on what it is."""
+    if value not in table:
+        listed = "; ".join(f"{name} ({about(entry)})" for name, entry in table.items())
+        raise ConfigError(key, f"{value!r} is not one of: {listed}")
+
+
+def _first_line(fn) -> str:
+    return (fn.__doc__ or "").strip().splitlines()[0].rstrip(".") if fn.__doc__ else fn.__name__
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -406,8 +423,8 @@ def validate(cfg: Config) -> None:
                f"no request count splits prompts_per_step={algo.prompts_per_step} evenly over "
                f"learner.world_size={learner.world_size} ranks; set rollout.prompts_per_request")
 
-    _choice("algorithm.kd.divergence", kd.divergence, DISTRIBUTION_DIVERGENCES)
-    _choice("algorithm.kd.estimator", kd.estimator, KD_ESTIMATORS)
+    _named("algorithm.kd.divergence", kd.divergence, DIVERGENCES, _first_line)
+    _named("algorithm.kd.estimator", kd.estimator, TEACHER_ESTIMATORS, lambda e: e.about)
     _choice("algorithm.kd.schedule", kd.schedule, SCHEDULES)
     _choice("algorithm.kd.mask", kd.mask, KD_MASKS)
     _choice("algorithm.kd.norm", kd.norm, KD_NORMS)
@@ -416,14 +433,16 @@ def validate(cfg: Config) -> None:
     _check(kd.decay >= 0, "algorithm.kd.decay", "must be >= 0")
     _check(0 <= kd.beta <= 1, "algorithm.kd.beta", "must be in [0, 1]")
     _check(0 <= kd.skew < 1, "algorithm.kd.skew", "must be in [0, 1)")
-    if kd.estimator != "topk":
+    _check(kd.is_cap >= 1, "algorithm.kd.is_cap", f"must be >= 1 (the truncation of pi_theta / mu), got {kd.is_cap}")
+    if TEACHER_ESTIMATORS[kd.estimator].distribution:
+        _check(teacher.top_k >= 1, "teacher.top_k",
+               f"algorithm.kd.estimator={kd.estimator} needs the teacher's distribution: teacher.top_k >= 1")
+    else:
         _check(kd.divergence == "reverse_kl", "algorithm.kd.estimator",
                f"{kd.estimator} estimates KL(student || teacher) from sampled tokens; divergence "
                f"{kd.divergence} needs the teacher's distribution: set algorithm.kd.estimator=topk and teacher.top_k")
-    else:
-        _check(teacher.top_k >= 1, "teacher.top_k", "algorithm.kd.estimator=topk needs teacher.top_k >= 1")
 
-    _choice("algorithm.rehearsal.divergence", reh.divergence, F_DIVERGENCES)
+    _named("algorithm.rehearsal.divergence", reh.divergence, GENERATORS, _first_line)
     _check(reh.coef >= 0, "algorithm.rehearsal.coef", "must be >= 0")
     _check(0 < reh.alpha < 1, "algorithm.rehearsal.alpha", "must be in (0, 1)")
     _check(reh.samples_per_step >= 1, "algorithm.rehearsal.samples_per_step", "must be >= 1")

@@ -1,7 +1,8 @@
 """Held-out evaluation: greedy accuracy, sampled pass@1 and pass@k, response length.
 
 A sample solves its problem when its reward is at least SOLVED_AT (full credit: the built-in
-rewards give 1.0 to a correct answer). pass@k uses the unbiased estimator of Chen et al.
+rewards give 1.0 to a correct answer); the teacher term's reward-guided mask uses the same rule
+(losses.solved). pass@k uses the unbiased estimator of Chen et al.
 (2021) from n samples of which c solve the problem, averaged over problems:
 
     pass@k = 1 - C(n - c, k) / C(n, k)
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-SOLVED_AT = 1.0
+from .losses import SOLVED_AT
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

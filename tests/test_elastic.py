@@ -8,8 +8,8 @@ import pytest
 import ray
 import torch
 
-from rayskd.batch import LearnerShare, RolloutShard, TeacherScores, pad_rows, summarize
-from rayskd.learner import StepMetrics, batch_normalisers
+from rayskd.batch import RolloutShard, TeacherScores, pad_rows, summarize
+from rayskd.learner import StepMetrics, learner_shares
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +48,24 @@ class Learners:
         self.group = start_learners(self.cfg, tokenizer_len)
 
     def update(self, reqs) -> float:
-        pg, kd = batch_normalisers([summarize(s) for s, _ in reqs], self.cfg.algorithm, WIDTH)
-        per = len(reqs) // self.n
-        shares = [LearnerShare(kd_coef=0.5, rehearsal_start=0, pg_denominator=pg, kd_denominator=kd,
-                               shards=[s for s, _ in reqs[r * per:(r + 1) * per]],
-                               scores=[t for _, t in reqs[r * per:(r + 1) * per]]) for r in range(self.n)]
+        shares = learner_shares([summarize(s) for s, _ in reqs], [s for s, _ in reqs], [t for _, t in reqs], self.n,
+                                self.cfg.algorithm, WIDTH, 0.5, 0)
         return StepMetrics.merge(ray.get(self.group.call_each("train_step", shares))).grad_norm
 
     def weights(self) -> dict:
         return ray.get(self.group.call("full_state_dict"))[0]
 
     def state(self) -> dict:
-        return ray.get(self.group.call("training_state"))[0]
+        """What a checkpoint keeps of the optimizer, whole: {"NAME/master" | "NAME/exp_avg" |
+        "NAME/exp_avg_sq": tensor} and {"step": tensor}, from rank 0 (every rank takes part)."""
+        def full(learner):
+            from rayskd import learner_state
+
+            out = {f"{name}/{k}": v for name, tensors in learner_state.iter_full_tensors(learner.engine, learner.model)
+                   for k, v in tensors.items()}
+            return {**out, "step": torch.tensor(learner_state.step_count(learner.engine))} if learner.rank == 0 else {}
+
+        return ray.get([a.__ray_call__.remote(full) for a in self.group.actors])[0]
 
     def save(self, path) -> None:
         ray.get(self.group.call("save_state", str(path), f"{self.assets}/student"))

@@ -5,8 +5,8 @@ import socket
 import pytest
 import torch
 
-from rayskd.batch import LearnerShare, RolloutShard, TeacherScores, batch_stats, pad_rows, summarize
-from rayskd.learner import batch_normalisers
+from rayskd.batch import RolloutShard, TeacherScores, batch_stats, pad_rows, summarize
+from rayskd.learner import learner_shares
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,8 @@ def learner(demo_assets):
 
 def train(learner, step, s, scores):
     """One update on the whole of shard `s` (one rank: its share is the batch)."""
-    pg, kd = batch_normalisers([summarize(s)], learner.algo, 6)
-    return learner.train_step(LearnerShare(kd_coef=1.0, rehearsal_start=0, pg_denominator=pg,
-                                           kd_denominator=kd, shards=[s], scores=[scores]))
+    (share,) = learner_shares([summarize(s)], [s], [scores], 1, learner.algo, 6, 1.0, 0)
+    return learner.train_step(share)
 
 
 def shard(responses, rewards):
@@ -80,7 +79,7 @@ def test_deepspeed_trains_without_importing_muon(learner):
     that asks for it, and the stand-in refuses if anything ever tried to use it."""
     import sys
 
-    from rayskd.learner import MUON_MODULES
+    from rayskd.deepspeed_setup import MUON_MODULES
 
     s = shard([[0, 5, 2, 12], [0, 5, 3, 12], [0, 1, 12], [1, 12]], [1.0, 0.0, 0.0, 0.0])
     train(learner, 3, s, TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR()))

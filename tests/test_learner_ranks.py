@@ -10,8 +10,9 @@ import pytest
 import ray
 import torch
 
-from rayskd.batch import LearnerShare, RolloutShard, TeacherScores, micro_batches, pad_rows, summarize
-from rayskd.learner import StepMetrics, batch_normalisers
+from rayskd.batch import RolloutShard, TeacherScores, micro_batches, pad_rows, summarize
+from rayskd.learner import StepMetrics, learner_shares
+from rayskd.losses import solved
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +48,8 @@ def one_update(assets, world_size: int, shard, scores, tokenizer_len: int, *over
         "algorithm.kd.coef=0.5", "algorithm.tis_cap=2.0", *overrides])
     # two requests of two prompts each: W=1 trains both, W=2 one per rank
     halves = [halve(shard, i) for i in (0, 1)], [halve(scores, i) for i in (0, 1)]
-    pg, kd = batch_normalisers([summarize(h) for h in halves[0]], cfg.algorithm, 6)
-    per = 2 // world_size
-    shares = [LearnerShare(kd_coef=0.5, rehearsal_start=0, pg_denominator=pg, kd_denominator=kd,
-                           shards=halves[0][r * per:(r + 1) * per], scores=halves[1][r * per:(r + 1) * per])
-              for r in range(world_size)]
+    shares = learner_shares([summarize(h) for h in halves[0]], halves[0], halves[1], world_size, cfg.algorithm, 6,
+                            0.5, 0)
     group = start_learners(cfg, tokenizer_len)
     try:
         if world_size > 1:
@@ -133,5 +131,5 @@ def test_two_ranks_with_micro_batches_equal_one_rank_on_the_whole_batch(demo_ass
     for key in ("policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "tokens", "tis_weight_sum"):
         assert abs(sums1[key] - sums2[key]) <= 1e-5 * max(1.0, abs(sums1[key])), (key, sums1[key], sums2[key])
     # the logged divergence is the masked mean over the incorrect responses' tokens (issue 8.3)
-    wrong = (shard.rewards_N <= 0).float()[:, None] * mask
+    wrong = (~solved(shard.rewards_N)).float()[:, None] * mask
     assert sums1["kd_tokens"] == float(wrong.sum()) < float(mask.sum())

@@ -1,5 +1,5 @@
 """Vocabulary divergences against naive float64 references (explicit sums over the
-vocabulary), gradients included, the identities of ALGORITHMS.md section 6 and the top-k
+vocabulary), gradients included, the identities of docs/algorithms.md and the top-k
 support treatment."""
 import math
 

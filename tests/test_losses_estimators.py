@@ -1,5 +1,5 @@
 """KL estimators and f-divergence generators against exact float64 enumeration on a small
-vocabulary (ALGORITHMS.md section 6), values and gradients, plus Monte-Carlo convergence."""
+vocabulary (docs/algorithms.md, "How it is tested"), values and gradients, plus Monte-Carlo convergence."""
 import math
 
 import pytest

@@ -1,16 +1,34 @@
 """Advantages, the clipped surrogate, aggregations, KDRL and rehearsal objectives, and the
-chunked log-prob helpers, against float64 references."""
+chunked log-prob helpers, against float64 references. The combined objective is the learner's
+own `micro_batch_loss` (the code every update runs)."""
 import math
 
 import pytest
 import torch
 
+from rayskd.batch import LearnerShare
+from rayskd.config import AlgorithmConfig, KDConfig
+from rayskd.learner import MicroBatch, micro_batch_loss
 from rayskd.losses import (
-    coef_at, group_advantages, hidden_logprobs, kd_sequence_mask, kdrl_loss, kl_estimator, policy_loss,
-    rehearsal_loss, token_logprobs, truncated_is_weights,
+    coef_at, group_advantages, hidden_logprobs, kd_sequence_mask, kl_estimator, policy_loss, rehearsal_loss,
+    token_logprobs, truncated_is_weights,
 )
 
 torch.set_default_dtype(torch.float64)
+
+
+def kdrl_loss(logp, sampler_logp, advantages, mask, teacher_logp, coef, *, kd_seq_mask=None, kd_values=None,
+              norm_len=None, pg_denominator=None, kd_denominator=None, kd=None, **algo):
+    """The learner's objective on one micro-batch (`micro_batch_loss`): `algo` and `kd` are
+    AlgorithmConfig / KDConfig fields; `sampler_logp` the sampler's log-probs mu."""
+    cfg = AlgorithmConfig(kd=KDConfig(**(kd or {})), **algo)
+    seq = torch.ones(mask.shape[0]) if kd_seq_mask is None else kd_seq_mask
+    mb = MicroBatch(fields=(), mask_NR=mask, advantages_N=advantages, sampler_logp_NR=sampler_logp,
+                    teacher_logp_NR=teacher_logp, kd_mask_N=seq)
+    share = LearnerShare(kd_coef=coef, rehearsal_start=0, pg_denominator=pg_denominator, kd_denominator=kd_denominator,
+                         kd_mask=[], shards=[], scores=[])
+    loss, metrics = micro_batch_loss(logp, None, kd_values, mb, share, cfg, norm_len)
+    return loss, vars(metrics)
 
 
 def test_group_advantages():
@@ -102,17 +120,17 @@ def test_kdrl_k2_equals_grpo_plus_coef_k2_and_masks_and_norms():
     logp, old, adv, mask, _ = batch(2)
     teacher = old - 0.5
     on_old = logp.detach()  # on-policy: rho = 1
-    loss, m = kdrl_loss(logp, on_old, adv, mask, teacher, 0.3, estimator="k2")
+    loss, m = kdrl_loss(logp, on_old, adv, mask, teacher, 0.3, kd={"estimator": "k2"})
     ref = policy_loss(logp, on_old, adv, mask) + 0.3 * (kl_estimator(logp, teacher, "k2") * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, ref)
     seq = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     k2 = kl_estimator(logp, teacher, "k2") * mask * seq[:, None]
-    l_masked, _ = kdrl_loss(logp, on_old, adv, mask, teacher, 1.0, kd_seq_mask=seq, kd_norm="masked")
-    l_all, _ = kdrl_loss(logp, on_old, adv, mask, teacher, 1.0, kd_seq_mask=seq, kd_norm="all")
+    l_masked, _ = kdrl_loss(logp, on_old, adv, mask, teacher, 1.0, kd_seq_mask=seq, kd={"norm": "masked"})
+    l_all, _ = kdrl_loss(logp, on_old, adv, mask, teacher, 1.0, kd_seq_mask=seq, kd={"norm": "all"})
     pg = policy_loss(logp, on_old, adv, mask)
     torch.testing.assert_close(l_masked, pg + k2.sum() / (mask * seq[:, None]).sum())
     torch.testing.assert_close(l_all, pg + k2.sum() / mask.sum())
-    assert set(m) >= {"policy_loss", "kd_loss", "clip_frac", "kd_k1_sum", "kd_tokens"}
+    assert set(m) >= {"policy_loss", "kd_loss", "clip_sum", "kd_k1_sum", "kd_tokens"}
 
 
 def test_kd_divergence_metric_is_the_masked_mean_over_slices():
@@ -132,9 +150,9 @@ def test_kd_divergence_metric_is_the_masked_mean_over_slices():
 
 K1_CONFIGS = [
     dict(pg_coef=0.0),
-    dict(pg_coef=0.0, kd_norm="masked", kd_seq_mask=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])),
-    dict(pg_coef=1.0, kd_norm="all", kd_seq_mask=torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])),
-    dict(pg_coef=2.0, is_weights="tis", aggregation="seq_mean_token_mean"),
+    dict(pg_coef=0.0, kd={"norm": "masked"}, kd_seq_mask=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])),
+    dict(pg_coef=1.0, kd={"norm": "all"}, kd_seq_mask=torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])),
+    dict(pg_coef=2.0, tis_cap=2.0, aggregation="seq_mean_token_mean"),
     dict(pg_coef=0.5, aggregation="seq_mean_token_sum_norm", norm_len=9, kd_denominator=11.0, pg_denominator=3.0),
 ]
 
@@ -149,11 +167,10 @@ def test_k1_reward_gradient_equals_k2_in_every_configuration(kw, on_policy):
     old = logp.detach() if on_policy else old
     teacher = old - 0.7
     kw = dict(kw)
-    if kw.get("is_weights") == "tis":
-        kw["is_weights"] = truncated_is_weights(old, old + 0.2 * torch.randn(old.shape), 2.0)
+    kd = kw.pop("kd", {})
 
     def grad_for(estimator):
-        loss, m = kdrl_loss(logp, old, adv, mask, teacher, 0.3, estimator=estimator, **kw)
+        loss, m = kdrl_loss(logp, old, adv, mask, teacher, 0.3, kd={**kd, "estimator": estimator}, **kw)
         return torch.autograd.grad(loss, logp)[0], m
 
     (g_k1r, m_k1r), (g_k2, _) = grad_for("k1_reward"), grad_for("k2")
@@ -164,9 +181,11 @@ def test_k1_reward_gradient_equals_k2_in_every_configuration(kw, on_policy):
 
 
 def test_kdrl_offpolicy_weights_teacher_term_by_rho():
+    """Off the student's policy (samples from mu), a sampled-token teacher estimator is weighted
+    by sg(rho), rho = pi_theta / mu, truncated at algorithm.kd.is_cap (here above every rho)."""
     logp, old, adv, mask, _ = batch(3)
     teacher = old - 0.5
-    loss, _ = kdrl_loss(logp, old, torch.zeros(5), mask, teacher, 1.0, estimator="k3")
+    loss, _ = kdrl_loss(logp, old, torch.zeros(5), mask, teacher, 1.0, kd={"estimator": "k3", "is_cap": 1e9})
     rho = torch.exp(logp.detach() - old)
     ref = (rho * kl_estimator(logp, teacher, "k3") * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, ref)
@@ -184,7 +203,7 @@ def test_k1_in_reward_gives_same_gradient_as_k2_on_policy_and_mc_converges_to_re
     def grad_for(estimator):
         logp = torch.log_softmax(z, -1)[x][:, None]
         loss, _ = kdrl_loss(logp, logp.detach(), torch.zeros(n), torch.ones(n, 1), teacher[x][:, None], 1.0,
-                            estimator=estimator)
+                            kd={"estimator": estimator})
         return torch.autograd.grad(loss, z)[0]
 
     g_k1r, g_k2 = grad_for("k1_reward"), grad_for("k2")

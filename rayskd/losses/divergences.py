@@ -27,11 +27,6 @@ def fp32_logits(hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """hidden [..., H] @ head [V, H]^T in at least fp32: a bf16 product alone is off by up to
     ~7e-3 in a log-prob. `head` comes from `head_rows`."""
     return upcast(hidden) @ head.t()
-DISTRIBUTION_DIVERGENCES = (
-    "forward_kl", "reverse_kl", "js", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl",
-)
-
-
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) over the last dim, from log-probabilities."""
     return (log_a.exp() * (log_a - log_b)).sum(-1)
@@ -54,8 +49,8 @@ def logsumexp_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def topk_support(student_logp: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_tail_logp: torch.Tensor):
     """Coarse-grain both distributions onto the teacher's top-k tokens plus one tail bucket.
 
-    ALGORITHMS.md section 5.3 option (b): both sides keep their true probability of each of
-    the k tokens and put the rest of their mass in the tail. Every divergence on this
+    docs/algorithms.md, "The teacher term" (top-k support): both sides keep their true probability
+    of each of the k tokens and put the rest of their mass in the tail. Every divergence on this
     (k+1)-outcome support is a lower bound of the full-vocabulary divergence (data
     processing) and equals it when k covers the vocabulary.
     student_logp [..., V]; topk_ids [..., k]; teacher_topk_tail_logp [..., k+1]: the teacher's
@@ -72,6 +67,76 @@ def topk_support(student_logp: torch.Tensor, topk_ids: torch.Tensor, teacher_top
     return upcast(teacher_topk_tail_logp), student
 
 
+# ---- the divergences, each a function of (log P teacher, log Q student, beta, skew) over the
+# last dim, and the table the config chooses from by name ----
+
+def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """KL(P_T || Q_theta): mass-covering."""
+    return _kl(log_p, log_q)
+
+
+def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """KL(Q_theta || P_T): mode-seeking.
+
+    What KDRL's k2 estimates from sampled tokens."""
+    return _kl(log_q, log_p)
+
+
+def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (GKD; kd.beta).
+
+    TRL's generalized_jsd_loss; beta = 0 is forward KL and beta = 1 reverse KL (both ends
+    special-cased: M would equal one side and the other's weight vanish)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
+    if beta == 0.0:
+        return _kl(log_p, log_q)
+    if beta == 1.0:
+        return _kl(log_q, log_p)
+    log_m = _log_mix(log_p, log_q, beta)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
+def js(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """JS(P_T, Q_theta): generalized_jsd at beta = 0.5.
+
+    `beta` is not read."""
+    return generalized_jsd(log_p, log_q, 0.5, skew)
+
+
+def _skew(skew: float) -> None:
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1), got {skew}")
+
+
+def skew_forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """KL(P || skew P + (1 - skew) Q): DistiLLM's skew KL (kd.skew).
+
+    skew = 0 is forward KL."""
+    _skew(skew)
+    return _kl(log_p, _log_mix(log_p, log_q, skew) if skew > 0 else log_q)
+
+
+def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """KL(Q || skew Q + (1 - skew) P): DistiLLM's skew reverse KL (kd.skew).
+
+    skew = 0 is reverse KL."""
+    _skew(skew)
+    return _kl(log_q, _log_mix(log_q, log_p, skew) if skew > 0 else log_p)
+
+
+# algorithm.kd.divergence: a new divergence is one function above and one entry here
+DIVERGENCES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js": js,
+    "generalized_jsd": generalized_jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+}
+DISTRIBUTION_DIVERGENCES = tuple(DIVERGENCES)
+
+
 def distribution_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -82,22 +147,18 @@ def distribution_divergence(
     topk_ids: torch.Tensor | None = None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Per-position divergence over the vocabulary: [..., V] -> [...].
+    """Per-position divergence `DIVERGENCES[kind]` between the teacher's distribution P and the
+    student's Q over the vocabulary: [..., V] -> [...]. An exact function of the position's
+    prefix: it does not depend on which token was sampled there.
 
-    kind:
-      forward_kl       KL(P_T || Q_theta)
-      reverse_kl       KL(Q_theta || P_T)
-      js               JS(P_T, Q_theta) = generalized_jsd with beta = 0.5
-      generalized_jsd  beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q (GKD / TRL);
-                       beta = 0 is forward KL and beta = 1 reverse KL (both ends special-cased)
-      skew_forward_kl  KL(P || skew P + (1-skew) Q)   (DistiLLM)
-      skew_reverse_kl  KL(Q || skew Q + (1-skew) P)
     Both logits are divided by `temperature`. `vocab_size` slices padded LM-head rows.
-
     Top-k teacher: pass `topk_ids` [..., k] and, as `teacher_logits`, the teacher's
     full-vocabulary log-probs of those k tokens followed by its tail log-mass [..., k+1]; the
     divergence is then taken on the top-k + tail support (see `topk_support`).
     """
+    fn = DIVERGENCES.get(kind)
+    if fn is None:
+        raise ValueError(f"unknown divergence {kind!r}: expected one of {', '.join(DIVERGENCES)}")
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]
     log_q = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
@@ -107,31 +168,7 @@ def distribution_divergence(
         log_p = torch.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
     else:
         log_p, log_q = topk_support(log_q, topk_ids, teacher_logits)
-    log_p, log_q = log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR)
-
-    if kind == "js":
-        kind, beta = "generalized_jsd", 0.5
-    if kind == "generalized_jsd":
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
-        if beta == 0.0:
-            kind = "forward_kl"
-        elif beta == 1.0:
-            kind = "reverse_kl"
-        else:
-            log_m = _log_mix(log_p, log_q, beta)
-            return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-    if kind == "forward_kl":
-        return _kl(log_p, log_q)
-    if kind == "reverse_kl":
-        return _kl(log_q, log_p)
-    if kind in ("skew_forward_kl", "skew_reverse_kl"):
-        if not 0.0 <= skew < 1.0:
-            raise ValueError(f"skew must be in [0, 1), got {skew}")
-        if kind == "skew_forward_kl":
-            return _kl(log_p, _log_mix(log_p, log_q, skew) if skew > 0 else log_q)
-        return _kl(log_q, _log_mix(log_q, log_p, skew) if skew > 0 else log_p)
-    raise ValueError(f"unknown divergence {kind!r}: expected one of {', '.join(DISTRIBUTION_DIVERGENCES)}")
+    return fn(log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR), beta, skew)
 
 
 def hidden_topk_divergence(

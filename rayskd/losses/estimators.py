@@ -1,4 +1,4 @@
-"""Per-token KL estimators (Schulman) and f-divergence generators.
+"""Per-token KL estimators (Schulman) and f-divergence generators (docs/algorithms.md).
 
 All functions are pure torch and keep the reference side detached: gradients flow only
 through the learner's log-probabilities.
@@ -43,6 +43,41 @@ def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch
     raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2 or k3")
 
 
+# DPH-RL's generators f(u) of u = exp(s) = pi_theta / pi_ref, each from (s, u, alpha); the
+# table algorithm.rehearsal.divergence chooses from
+
+def _forward_kl_generator(s: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """u - 1 - log u: KL(pi_ref || pi_theta)."""
+    return torch.expm1(s) - s
+
+
+def _reverse_kl_generator(s: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """u log u - u + 1: KL(pi_theta || pi_ref)."""
+    return u * s - torch.expm1(s)
+
+
+def _js_generator(s: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """u log u - (u+1) log((u+1)/2): 2 JS(pi_theta, pi_ref)."""
+    # (u+1) log((u+1)/2) = (u+1) * (softplus(s) - log 2)
+    return u * s - (u + 1.0) * (torch.nn.functional.softplus(s) - torch.log(torch.tensor(2.0, dtype=s.dtype)))
+
+
+def _alpha_generator(s: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(u^(1-a) - (1-a) u - a) / (a(a-1)): the alpha-divergence (rehearsal.alpha; 1: forward KL, 0: reverse KL)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha-divergence needs 0 < alpha < 1, got {alpha}")
+    return (torch.exp((1.0 - alpha) * s) - (1.0 - alpha) * u - alpha) / (alpha * (alpha - 1.0))
+
+
+GENERATORS = {
+    "forward_kl": _forward_kl_generator,
+    "reverse_kl": _reverse_kl_generator,
+    "js": _js_generator,
+    "alpha": _alpha_generator,
+}
+F_DIVERGENCES = tuple(GENERATORS)
+
+
 def f_divergence(
     log_ratio: torch.Tensor, kind: str, alpha: float = 0.5, value_clamp: float | None = None
 ) -> torch.Tensor:
@@ -60,21 +95,11 @@ def f_divergence(
     only, where exp(s) would overflow (`overflow_bound`); `value_clamp` optionally clamps the
     value too.
     """
+    generator = GENERATORS.get(kind)
+    if generator is None:
+        raise ValueError(f"unknown f-divergence {kind!r}: expected {', '.join(GENERATORS)}")
     s = log_ratio.clamp(max=overflow_bound(log_ratio.dtype))
-    u = torch.exp(s)
-    if kind == "forward_kl":
-        f = torch.expm1(s) - s
-    elif kind == "reverse_kl":
-        f = u * s - torch.expm1(s)
-    elif kind == "js":
-        # (u+1) log((u+1)/2) = (u+1) * (softplus(s) - log 2)
-        f = u * s - (u + 1.0) * (torch.nn.functional.softplus(s) - torch.log(torch.tensor(2.0, dtype=s.dtype)))
-    elif kind == "alpha":
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha-divergence needs 0 < alpha < 1, got {alpha}")
-        f = (torch.exp((1.0 - alpha) * s) - (1.0 - alpha) * u - alpha) / (alpha * (alpha - 1.0))
-    else:
-        raise ValueError(f"unknown f-divergence {kind!r}: expected forward_kl, reverse_kl, js or alpha")
+    f = generator(s, torch.exp(s), alpha)
     if value_clamp is not None:
         f = f.clamp(-value_clamp, value_clamp)
     return f

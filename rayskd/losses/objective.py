@@ -1,16 +1,26 @@
-"""The combined objectives: KDRL (GRPO + teacher divergence on the same rollouts) and the
-DPH-RL rehearsal term on cached reference samples."""
+"""The objective as named terms: the policy-gradient (GRPO) term, the teacher term, the DPH-RL
+rehearsal term, the per-token importance weights of every term, and the normalisers of a batch.
+
+    L = pg_coef * L_pg + kd_coef * L_teacher (+ rehearsal.coef * L_rehearsal, on other samples)
+
+docs/algorithms.md has the math: each term's definition, estimator, which distribution samples
+it, and the one rule for the off-policy corrections (`importance_weights`).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-from .estimators import f_divergence, kl_estimator
-from .policy import aggregate, clipped_surrogate
+from .estimators import f_divergence
+from .policy import aggregate, aggregate_denominator, clipped_surrogate, truncated_is_weights
 
-KD_ESTIMATORS = ("k2", "k3", "k1_reward", "topk")
 KD_MASKS = ("all", "incorrect_only", "group_unsolved")
 KD_NORMS = ("masked", "all")
 SCHEDULES = ("constant", "linear")
+# a response solves its problem when its reward reaches this (full credit: the built-in rewards
+# give 1.0 to a right answer); the KD mask and pass@k evaluation both read it
+SOLVED_AT = 1.0
 
 
 def coef_at(step: int, schedule: str, coef: float, coef_min: float = 0.0, decay: float = 0.0) -> float:
@@ -23,15 +33,20 @@ def coef_at(step: int, schedule: str, coef: float, coef_min: float = 0.0, decay:
     raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
 
+def solved(rewards: torch.Tensor) -> torch.Tensor:
+    """Which responses solve their problem: reward >= SOLVED_AT. [N] -> [N] bool."""
+    return rewards >= SOLVED_AT
+
+
 def kd_sequence_mask(rewards: torch.Tensor, group_size: int, mode: str) -> torch.Tensor:
     """Reward-guided KD: which responses receive the teacher term. rewards [P * G] -> [P * G] in {0, 1}.
 
-    all: every response; incorrect_only: responses with reward <= 0;
-    group_unsolved: every response of a group where no response has reward > 0.
+    all: every response; incorrect_only: responses that do not solve their problem (`solved`);
+    group_unsolved: every response of a group where none solves it.
     """
     if mode == "all":
         return torch.ones_like(rewards, dtype=torch.float32)
-    wrong = (rewards <= 0).float()
+    wrong = (~solved(rewards)).float()
     if mode == "incorrect_only":
         return wrong
     if mode == "group_unsolved":
@@ -40,88 +55,83 @@ def kd_sequence_mask(rewards: torch.Tensor, group_size: int, mode: str) -> torch
     raise ValueError(f"unknown KD mask {mode!r}: expected one of {', '.join(KD_MASKS)}")
 
 
-def kdrl_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    teacher_logp: torch.Tensor,
-    coef: float,
-    *,
-    estimator: str = "k2",
-    kd_values: torch.Tensor | None = None,
-    kd_seq_mask: torch.Tensor | None = None,
-    kd_norm: str = "masked",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    aggregation: str = "token_mean",
-    is_weights: torch.Tensor | None = None,
-    norm_len: int | None = None,
-    pg_denominator: float | None = None,
-    kd_denominator: float | None = None,
-    pg_coef: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KDRL: L = pg_coef * L_GRPO + coef * D(pi_theta || pi_T), both on the same student
-    rollouts (pg_coef = 0: on-policy distillation alone).
+# ---- off-policy corrections: one rule for every term ----
 
-    logp/old_logp/teacher_logp/mask: [B, T] (teacher_logp: the teacher's log-prob of each
-    sampled token); advantages [B]. estimator:
-      k2         coef * token-mean of delta^2/2, delta = logp - teacher_logp: gradient
-                 delta * grad(logp), an unbiased reverse-KL gradient (the paper's choice);
-      k3         coef * token-mean of k3: a forward-KL-like gradient;
-      k1_reward  the k1 penalty -coef * sg(delta) as a per-token reward, written as the
-                 importance-sampled term sg(delta) * pi_theta / sg(pi_theta): its value is
-                 k1 (an unbiased KL estimate) and its gradient sg(delta) * grad(logp) is
-                 exactly k2's. It gets everything the teacher term gets (coef, sg(rho), the
-                 KD mask and normaliser) and nothing the GRPO term gets (pg_coef, the GRPO
-                 normaliser, clipping, TIS weights);
-      topk       `kd_values` [B, T] are the per-token divergences the caller computed over the
-                 teacher's top-k support (`distribution_divergence(..., topk_ids=...)`).
-    The teacher term is weighted per token by sg(rho), rho = pi_theta / pi_old, which is 1
-    on-policy and corrects off-policy minibatches. `kd_seq_mask` [B] (see
-    `kd_sequence_mask`) selects responses; kd_norm 'masked' divides by the selected tokens,
-    'all' by every response token. `pg_denominator` / `kd_denominator` are the normalisers
-    of the whole batch when this call sees one slice of it (see `aggregate`). Returns
-    (loss, detached metrics); the metrics `kd_k1_sum` / `kd_tokens` are the sum of the k1
-    value of KL(student || teacher) over the KD-masked tokens and their count, so that slices
-    can be added before dividing.
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """Each term's per-token off-policy correction, all detached [B, T]."""
+    pg_behaviour_logp: torch.Tensor  # the log-probs GRPO's clipped ratio pi_theta / pi_old is taken against
+    pg_weight: torch.Tensor | None  # TIS weight on GRPO's per-token loss (None: none)
+    teacher_weight: torch.Tensor  # on the sampled-token teacher estimators
+
+
+def importance_weights(logp: torch.Tensor, sampler_logp: torch.Tensor, tis_cap: float,
+                       teacher_cap: float) -> ImportanceWeights:
+    """The per-token importance weights of every term, from the learner's log-probs pi_theta and
+    the sampler's mu of the sampled tokens (the engine that drew them, at whatever weights
+    version, so staleness and the engine/learner mismatch are one correction). Each term applies
+    the ratio pi_theta / mu once, whatever algorithm.max_staleness is:
+
+    - GRPO, tis_cap = 0: the clipped ratio is taken against mu (PPO's trust region corrects
+      inside the clip); tis_cap = C > 0: the ratio is taken against the learner's own log-probs
+      (pi_old = sg(pi_theta): one update per batch) and the loss is weighted by
+      sg(min(pi_theta / mu, C)) (truncated importance sampling; never both, which would apply
+      the ratio twice);
+    - sampled-token teacher estimators: sg(min(pi_theta / mu, teacher_cap));
+    - distribution teacher estimators and the rehearsal term take no weight (see losses/teacher.py).
+    The per-token ratio corrects each token's distribution given its prefix, not the
+    distribution of the prefix (the usual PPO approximation).
     """
-    seq_mask = torch.ones(mask.shape[0], dtype=mask.dtype, device=mask.device) if kd_seq_mask is None \
-        else kd_seq_mask.to(mask.dtype)
-    delta = (logp - teacher_logp).detach()
-    if estimator == "k1_reward":
-        kd_values = delta * torch.exp(logp - logp.detach())
-    elif estimator in ("k2", "k3"):
-        kd_values = kl_estimator(logp, teacher_logp, estimator)
-    elif estimator == "topk":
-        if kd_values is None:
-            raise ValueError("estimator 'topk' needs kd_values from distribution_divergence")
-    else:
-        raise ValueError(f"unknown KD estimator {estimator!r}: expected one of {', '.join(KD_ESTIMATORS)}")
+    logp, sampler_logp = logp.detach(), sampler_logp.detach()
+    teacher_weight = truncated_is_weights(logp, sampler_logp, teacher_cap)
+    if tis_cap > 0:
+        return ImportanceWeights(logp, truncated_is_weights(logp, sampler_logp, tis_cap), teacher_weight)
+    return ImportanceWeights(sampler_logp, None, teacher_weight)
 
-    pg_tok, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
-    if is_weights is not None:
-        pg_tok = pg_tok * is_weights.detach()
-    pg = aggregate(pg_tok, mask, aggregation, norm_len, pg_denominator)
-    metrics = {
-        "policy_loss": pg.detach(),
-        "clip_frac": aggregate(clipped, mask, "token_mean").detach(),
-    }
-    # k1 value of KL(student || teacher) on the KD-masked tokens: unbiased, whatever the
-    # training estimator; sum and count kept apart so that slices add up
-    kd_mask = mask * seq_mask.unsqueeze(-1)
-    metrics["kd_k1_sum"] = (delta * kd_mask).sum()
-    metrics["kd_tokens"] = kd_mask.sum()
-    rho = torch.exp((logp - old_logp).detach().clamp(-20.0, 20.0))
-    kd_tok = kd_values * rho
-    if kd_norm == "masked":
-        kd = aggregate(kd_tok, kd_mask, aggregation, norm_len, kd_denominator)
-    elif kd_norm == "all":
-        kd = aggregate(kd_tok * seq_mask.unsqueeze(-1), mask, aggregation, norm_len, kd_denominator)
-    else:
-        raise ValueError(f"unknown KD normaliser {kd_norm!r}: expected one of {', '.join(KD_NORMS)}")
-    metrics["kd_loss"] = kd.detach()
-    return pg_coef * pg + coef * kd, metrics
+
+# ---- the terms ----
+
+def policy_gradient_term(
+    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, weights: ImportanceWeights, *,
+    clip_low: float, clip_high: float, aggregation: str, norm_len: int | None = None,
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's clipped surrogate with its off-policy correction (`importance_weights`), aggregated.
+    logp, mask [B, T]; advantages [B]. Returns (loss, clipped [B, T]: 1 where the clipped branch
+    was taken)."""
+    per_token, clipped = clipped_surrogate(logp, weights.pg_behaviour_logp, advantages, clip_low, clip_high)
+    if weights.pg_weight is not None:
+        per_token = per_token * weights.pg_weight
+    return aggregate(per_token, mask, aggregation, norm_len, denominator), clipped
+
+
+def teacher_denominator(mask: torch.Tensor, seq_mask: torch.Tensor, norm: str, aggregation: str,
+                        norm_len: int | None = None) -> float:
+    """The teacher term's normaliser over a batch [B, T]: norm 'all' divides as the GRPO term
+    does, 'masked' counts only the responses `seq_mask` [B] selects (their tokens for
+    token_mean, the non-empty ones for seq_mean_token_mean, their number x norm_len for
+    seq_mean_token_sum_norm)."""
+    if norm == "all":
+        return aggregate_denominator(mask, aggregation, norm_len)
+    if norm != "masked":
+        raise ValueError(f"unknown KD normaliser {norm!r}: expected one of {', '.join(KD_NORMS)}")
+    if aggregation == "seq_mean_token_sum_norm":
+        return max(float(seq_mask.sum()), 1.0) * max(norm_len if norm_len is not None else mask.shape[-1], 1)
+    return aggregate_denominator(mask * seq_mask[:, None], aggregation, norm_len)
+
+
+def teacher_term(
+    values: torch.Tensor, mask: torch.Tensor, seq_mask: torch.Tensor, weight: torch.Tensor | None, *,
+    norm: str, aggregation: str, norm_len: int | None = None, denominator: float | None = None,
+) -> torch.Tensor:
+    """The teacher term: per-token `values` [B, T] of an estimator (losses/teacher.py), times its
+    importance `weight` (None for distribution estimators), over the responses `seq_mask` [B]
+    selects (`kd_sequence_mask`), divided by `teacher_denominator` (or `denominator`, the whole
+    batch's, when this is a slice of it)."""
+    per_token = values if weight is None else values * weight
+    if denominator is None:
+        denominator = teacher_denominator(mask, seq_mask, norm, aggregation, norm_len)
+    return aggregate(per_token, mask * seq_mask[:, None], aggregation, norm_len, denominator)
 
 
 def rehearsal_loss(
@@ -129,5 +139,19 @@ def rehearsal_loss(
     aggregation: str = "token_mean",
 ) -> torch.Tensor:
     """DPH-RL rehearsal term on cached samples of pi_ref: token-mean of f(u),
-    u = exp(logp - sg(ref_logp)); its expected gradient is grad D_f(pi_theta || pi_ref)."""
+    u = exp(logp - sg(ref_logp)); its expected gradient is grad D_f(pi_theta || pi_ref). The
+    samples come from pi_ref itself, so no importance weight applies."""
     return aggregate(f_divergence(logp - ref_logp.detach(), kind, alpha), mask, aggregation)
+
+
+# ---- the batch ----
+
+def batch_normalisers(lengths_N: torch.Tensor, kd_mask_N: torch.Tensor, *, aggregation: str, kd_norm: str,
+                      max_new_tokens: int) -> tuple[float, float]:
+    """(GRPO, teacher-term) normalisers of a whole batch, from its response lengths [N] and KD
+    mask [N]: each learner rank trains on a share of it, in micro-batches, and the slices must
+    add up to the batch's aggregate."""
+    width = max(max_new_tokens, int(lengths_N.max()) if len(lengths_N) else 1)
+    mask_NR = (torch.arange(width)[None] < lengths_N[:, None]).float()
+    return (aggregate_denominator(mask_NR, aggregation, max_new_tokens),
+            teacher_denominator(mask_NR, kd_mask_N.float(), kd_norm, aggregation, max_new_tokens))
