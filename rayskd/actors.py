@@ -13,6 +13,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from .actor_logs import LOG_FILE_VAR
+
 
 class PlacementError(RuntimeError):
     pass
@@ -20,27 +22,6 @@ class PlacementError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """A run cannot go on (workers that keep failing, non-finite updates, a sync timeout)."""
-
-
-LOG_FILE_VAR = "RAYSKD_LOG_FILE"
-
-
-def log_to_file() -> None:
-    """Called first in each actor's constructor: when the actor group set a log file, point
-    this process's stdout and stderr (file descriptors 1 and 2, so C++ and child processes
-    too) at it, appended. What repeats per step (vLLM, DeepSpeed, Ray) stays off the console."""
-    import sys
-
-    path = os.environ.get(LOG_FILE_VAR)
-    if not path:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
 
 
 def describe_failure(e: BaseException, tail: int = 8) -> str:

@@ -46,7 +46,6 @@ def _run(cfg) -> int:
     from .trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg)  # checks every input before anything starts
-    trainer.handle_sigterm()
     resume = f"continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`"
     try:
         trainer.setup()

@@ -8,8 +8,69 @@ import os
 import sys
 import time
 
+from dataclasses import asdict, dataclass, fields
+
 from .evaluation import format_eval
 from .tracking import scalars
+
+
+@dataclass
+class StepRecord:
+    """One step's line of metrics.jsonl: every key a step logs is defined here, once. The
+    producers fill their parts by name (an unknown name is an error): the rollouts'
+    statistics (`batch.batch_stats`), the update's (`learner.StepMetrics.record`), the
+    driver's counters and phase timings (`trainer.Trainer.step`); the console line, the
+    trackers, `rayskd report` and scripts/ read these names. Fields left None are not written."""
+    step: int
+    # the step's rollouts (batch.batch_stats)
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    response_len_mean: float | None = None
+    response_tokens: float | None = None  # response tokens trained on this step
+    empty_frac: float | None = None
+    truncated_frac: float | None = None  # responses that hit rollout.max_new_tokens
+    reward_errors: int | None = None  # samples whose reward raised (scored 0)
+    reward_timeouts: int | None = None
+    weights_version_sampled: int | None = None  # the oldest weights version a sample was drawn with
+    prompt_uids: list | None = None  # the training rows of the step's prompts
+    # the update (learner.StepMetrics.record)
+    policy_loss: float | None = None
+    kd_loss: float | None = None
+    kd_divergence: float | None = None  # k1 mean of KL(student || teacher) over the KD-masked tokens
+    kd_tokens: int | None = None
+    kd_weight_mean: float | None = None  # the teacher term's importance weight, over its tokens
+    entropy: float | None = None
+    clip_frac: float | None = None
+    grad_norm: float | None = None
+    sampler_mismatch_max: float | None = None  # max |mu - pi_theta| of a sampled token's probability
+    sampler_mismatch_k3: float | None = None  # mean k3 of KL(mu || pi_theta) per token
+    skipped_update: bool | None = None
+    nonfinite_losses: int | None = None
+    tis_weight_mean: float | None = None  # algorithm.tis_cap > 0
+    rehearsal_loss: float | None = None  # algorithm.rehearsal.coef > 0
+    # the driver
+    kd_coef: float | None = None
+    staleness_max: int | None = None
+    staleness_mean: float | None = None
+    weights_version: int | None = None  # the engines' weights after this step's sync
+    skipped_long_prompts: int | None = None
+    eval_accuracy: float | None = None  # greedy, at the evaluation steps
+    # seconds: from process start to the first step (its first step only), each hop, the step
+    startup_s: float | None = None
+    generate_s: float | None = None  # waiting for the step's rollouts
+    score_s: float | None = None  # waiting for the teacher's scores
+    train_s: float | None = None
+    sync_s: float | None = None
+    step_s: float | None = None
+    tokens_per_s: float | None = None  # response tokens / step_s
+
+    def as_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+RECORD_KEYS = frozenset(f.name for f in fields(StepRecord))
+# the hops of a step, as `rayskd report` and the benchmarks split its time
+PHASES = (("generate_s", "generate"), ("score_s", "teacher"), ("train_s", "learner"), ("sync_s", "weight sync"))
 
 
 def _fmt_duration(s: float) -> str:
@@ -50,8 +111,8 @@ class MetricsLog:
             sink.write(group, record["step"], scalars(record))
         return record
 
-    def log(self, record: dict) -> None:
-        record = self._append(self.path, "train", record)
+    def log(self, step: StepRecord) -> None:
+        record = self._append(self.path, "train", step.as_json())
         line = (f"step {record['step']}/{self.total} | reward {_num(record.get('reward_mean'), '.3f')} | "
                 f"kd {_num(record.get('kd_divergence'), '.4f')} | len {_num(record.get('response_len_mean'), '.1f')}")
         if record.get("step_s") is not None:  # (a record logged on a stop in the weight sync has no timing)

@@ -14,9 +14,9 @@ import json
 import os
 import re
 
+from .metrics import PHASES
 from .preflight import UsageError
 
-PHASES = (("generate_s", "generate"), ("score_s", "teacher"), ("train_s", "learner"), ("sync_s", "weight sync"))
 
 
 def read_jsonl(path: str) -> list[dict]:

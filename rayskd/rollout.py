@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from .actors import log_to_file
+from .actor_logs import log_to_file
 from .batch import PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
 from .config import RewardConfig, RolloutConfig
 from .evaluation import EvalRows

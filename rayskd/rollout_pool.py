@@ -76,8 +76,6 @@ class RolloutPool:
         self.group, self.event, self.weights = group, event, weights
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
         self.failures: list[list[float]] = [[] for _ in range(group.n)]  # times each worker failed
-        if weights is not None:
-            weights.setup(self.actors)
 
     @property
     def n(self) -> int:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .actors import log_to_file
+from .actor_logs import log_to_file
 from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches
 from .config import TeacherConfig
 from .losses import hidden_logprobs, hidden_topk_logprobs

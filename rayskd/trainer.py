@@ -10,18 +10,19 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import psutil
 import ray
 
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, start_learners, start_teachers
-from .batch import LearnerShare, PromptBatch, batch_stats, prompt_batch
+from .batch import PromptBatch, batch_stats, prompt_batch
 from .config import Config, requests_per_step, to_yaml
 from .evaluation import evaluate_on
-from .learner import StepMetrics, batch_normalisers
+from .learner import StepMetrics, learner_shares
 from .losses import coef_at
-from .metrics import MetricsLog
+from .metrics import MetricsLog, StepRecord
 from .pipeline import ReadyBatch, RolloutPipeline
 from .preflight import Inputs, UsageError, check_inputs, resolve_models
 from .rollout_pool import MAX_RETRIES, RolloutPool, start_rollout
@@ -39,6 +40,40 @@ def check_resume(found: tuple[int, str] | None) -> None:
     if found is not None and not os.path.isfile(learner_state.meta_path(found[1])):
         raise UsageError(f"checkpoint {found[1]} was written by an earlier rayskd (per-rank optimizer partitions, "
                          f"no {learner_state.STATE_DIR}/state.json); resume it with the version that wrote it")
+
+
+class Timer:
+    """Seconds of each named hop of a step: `with timer("generate_s"): ...` around the hop."""
+
+    def __init__(self):
+        self.start, self.seconds = time.perf_counter(), {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclasses.dataclass
+class StopState:
+    """What a stop (an error, Ctrl-C, SIGTERM) needs to know of the step in progress."""
+    requested: bool = False  # SIGTERM: checkpoint after the current step and exit
+    updating: bool = False  # in the learners' update: a checkpoint now could catch them half-way
+    unlogged: StepRecord | None = None  # an updated step's record, until it is logged
+    checkpointed_step: int = -1
+
+    @contextmanager
+    def update(self):
+        """Around the learners' update: `updating` stays set if the update does not finish."""
+        self.updating = True
+        yield
+        self.updating = False
 
 
 class Trainer:
@@ -60,11 +95,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = None
-        self.stop_requested = False  # set by SIGTERM: checkpoint after the current step and exit
-        # during the learners' update a checkpoint could catch them half-way; after it, the
-        # step's record waits in `unlogged` until it is logged
-        self.updating, self.unlogged = False, None
-        self.checkpointed_step = -1
+        self.stops = StopState()
         self._started_ray = False
 
     # ---- set-up ----
@@ -110,7 +141,7 @@ class Trainer:
         """SIGTERM (`ray job stop`, a scheduler) asks for a checkpoint after the current step
         and a clean exit."""
         def on_sigterm(signum, frame):
-            self.stop_requested = True
+            self.stops.requested = True
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -121,59 +152,51 @@ class Trainer:
 
     # ---- one update ----
 
-    def step(self) -> dict:
+    def step(self) -> StepRecord:
         """Take this step's rollouts (generated, rewarded inside the rollout workers, and sent
         to the teacher; the next max_staleness steps' are already generating), wait for the
         teacher's scores, update the learners (each on its share), push the weights to every
-        rollout engine, log."""
-        cfg, t = self.cfg, {}
-        t0 = time.perf_counter()
-        if self.started_steps == 0:  # the time from process start to this process's first step
-            t["startup_s"] = time.time() - PROCESS_START
+        rollout engine. Returns the step's record (logged by the caller)."""
+        cfg, timer = self.cfg, Timer()
+        startup_s = time.time() - PROCESS_START if self.started_steps == 0 else None  # to this process's first step
         self.started_steps += 1
-        batch = self.pipeline.take(self.step_num, self.weights_version)
-        t["generate_s"] = time.perf_counter() - t0
-        t["score_s"] = self._timed(self.pipeline.wait, [r.score for r in batch.requests])
+        with timer("generate_s"):
+            batch = self.pipeline.take(self.step_num, self.weights_version)
+        with timer("score_s"):
+            self.pipeline.wait([r.score for r in batch.requests])
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
-        t0_train = time.perf_counter()
-        self.updating = True
-        updates = self.learner.call_each("train_step", self._shares(batch, coef))
-        self.pipeline.wait(updates)
-        metrics = StepMetrics.merge(ray.get(updates))
-        t["train_s"] = time.perf_counter() - t0_train
+        with timer("train_s"), self.stops.update():
+            metrics = self._train(batch, coef)
+            self.step_num += 1
+            self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
         staleness = batch.staleness(self.weights_version)
-        self.step_num += 1
-        self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
-        record = {"step": self.step_num, **batch_stats(batch.summaries), **metrics.record(cfg.algorithm),
-                  "kd_coef": coef, "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness)}
-        self.unlogged, self.updating = record, False  # the update is done: its record goes out on any stop
-        t["sync_s"] = self.sync_weights()
-        step_s = time.perf_counter() - t0
-        record.update(tokens_per_s=record["response_tokens"] / step_s, **t, step_s=step_s,
-                      skipped_long_prompts=self.inputs.train.skipped_too_long, weights_version=self.weights_version)
+        record = StepRecord(step=self.step_num, **batch_stats(batch.summaries), **metrics.record(cfg.algorithm),
+                            kd_coef=coef, staleness_max=max(staleness), staleness_mean=sum(staleness) / len(staleness),
+                            skipped_long_prompts=self.inputs.train.skipped_too_long, startup_s=startup_s)
+        self.stops.unlogged = record  # the update is done: its record goes out on any stop
+        with timer("sync_s"):
+            self.sync_weights()
+        step_s = timer.elapsed()
+        for name, seconds in timer.seconds.items():
+            setattr(record, name, seconds)
+        record.step_s, record.tokens_per_s, record.weights_version = step_s, record.response_tokens / step_s, \
+            self.weights_version
         self._check_finite(record)
         return record
 
-    def _shares(self, batch: ReadyBatch, coef: float) -> list[LearnerShare]:
-        """Each learner rank's contiguous share of the step's requests, with the batch-level
-        normalisers computed here from the requests' summaries."""
-        pg_total, kd_total = batch_normalisers(batch.summaries, self.cfg.algorithm, self.cfg.rollout.max_new_tokens)
-        per_rank = len(batch.requests) // self.learner.n
-        return [LearnerShare(kd_coef=coef, rehearsal_start=self.rehearsal_pos,
-                             pg_denominator=pg_total, kd_denominator=kd_total,
-                             shards=[r.shard for r in mine], scores=[r.score for r in mine])
-                for mine in (batch.requests[i * per_rank:(i + 1) * per_rank] for i in range(self.learner.n))]
+    def _train(self, batch: ReadyBatch, coef: float) -> StepMetrics:
+        """One update: each learner rank trains its share of the step's requests."""
+        shares = learner_shares(batch.summaries, [r.shard for r in batch.requests], [r.score for r in batch.requests],
+                                self.learner.n, self.cfg.algorithm, self.cfg.rollout.max_new_tokens, coef,
+                                self.rehearsal_pos)
+        updates = self.learner.call_each("train_step", shares)
+        self.pipeline.wait(updates)
+        return StepMetrics.merge(ray.get(updates))
 
     def _next_prompts(self, step: int) -> PromptBatch:
         """The prompts of `step` (the pipeline asks for each step once, in order)."""
         return prompt_batch(self.inputs.train, self.sampler.next(self.cfg.algorithm.prompts_per_step))
-
-    @staticmethod
-    def _timed(fn, *args) -> float:
-        t0 = time.perf_counter()
-        fn(*args)
-        return time.perf_counter() - t0
 
     def sync_weights(self, version: int | None = None) -> float:
         """Push the learner's weights to every rollout engine as `version` (default: the next
@@ -184,10 +207,10 @@ class Trainer:
         self.rollout.sync_weights(self.weights_version, self.cfg.rollout.sync_timeout_s)
         return time.perf_counter() - t0
 
-    def _check_finite(self, record: dict) -> None:
-        if record["skipped_update"]:
+    def _check_finite(self, record: StepRecord) -> None:
+        if record.skipped_update:
             self.nonfinite_in_a_row += 1
-            self.log.event(f"step {record['step']}: non-finite loss or gradient, update skipped "
+            self.log.event(f"step {record.step}: non-finite loss or gradient, update skipped "
                            f"({self.nonfinite_in_a_row} in a row)")
             if self.nonfinite_in_a_row >= STOP_AFTER_NONFINITE:
                 raise TrainingError(f"{STOP_AFTER_NONFINITE} updates in a row had a non-finite loss or gradient; "
@@ -216,22 +239,23 @@ class Trainer:
         ray.get(self.learner.call("save_state", staging, cfg.student.path))
         self.pipeline.save(staging, wait=wait)
         path = checkpoint.commit(cfg.run.output_dir, self.step_num, self.state_dict(), cfg.run.keep_checkpoints)
-        self.checkpointed_step = self.step_num
+        self.stops.checkpointed_step = self.step_num
         self.log.event(f"checkpoint: {path}")
         return path
 
     def checkpoint_on_stop(self, why: str) -> None:
         """A stop the driver survives (an error, Ctrl-C): checkpoint the last completed step
         first, unless there is one already or the stop came in the middle of an update."""
-        if self.pipeline is None or self.step_num == self.checkpointed_step or self.step_num == 0:
+        stops = self.stops
+        if self.pipeline is None or self.step_num == stops.checkpointed_step or self.step_num == 0:
             return
-        if self.updating:
+        if stops.updating:
             self.log.event(f"{why}: no checkpoint of step {self.step_num + 1} (the stop came during its update); "
                            f"the newest checkpoint is the one to resume from")
             return
-        if self.unlogged is not None:  # the update is done; the stop came in the weight sync or evaluation
-            self.log.log(self.unlogged)
-            self.unlogged = None
+        if stops.unlogged is not None:  # the update is done; the stop came in the weight sync or evaluation
+            self.log.log(stops.unlogged)
+            stops.unlogged = None
         try:
             self.save_checkpoint(wait=False)
         except Exception as e:
@@ -253,7 +277,7 @@ class Trainer:
             return False
         step, path = found
         ray.get(self.learner.call("load_state", path))
-        self.checkpointed_step = step
+        self.stops.checkpointed_step = step
         self.load_state_dict(checkpoint.load_trainer_state(path))
         self.log.truncate_after(step)
         self.sync_weights(version=self.weights_version)  # the restored weights keep their version
@@ -285,23 +309,23 @@ class Trainer:
         cfg = self.cfg
         before = self.evaluate() if self.step_num == 0 else None
         summary = {"eval_before": before and before["greedy_accuracy"]}
-        record = {}
+        record = None
         while self.step_num < cfg.run.steps:
             record = self.step()
             due = cfg.run.eval_every and self.step_num % cfg.run.eval_every == 0
             if (due or self.step_num == cfg.run.steps) and self.inputs.eval is not None:
-                record["eval_accuracy"] = self.evaluate()["greedy_accuracy"]
+                record.eval_accuracy = self.evaluate()["greedy_accuracy"]
             self.log.log(record)
-            self.unlogged = None
+            self.stops.unlogged = None
             every = cfg.run.checkpoint_every
-            if (every and self.step_num % every == 0) or self.step_num == cfg.run.steps or self.stop_requested:
+            if (every and self.step_num % every == 0) or self.step_num == cfg.run.steps or self.stops.requested:
                 self.save_checkpoint()
-            if self.stop_requested:
+            if self.stops.requested:
                 self.log.event(f"stopped on request after step {self.step_num}; continue with "
                                f"`rayskd resume {cfg.run.output_dir}`")
                 summary["stopped"] = True
                 return summary
-        summary["eval_after"] = record.get("eval_accuracy")
+        summary["eval_after"] = record.eval_accuracy if record is not None else None
         summary["final_model"] = self.save_final()
         return summary
 

@@ -1,13 +1,13 @@
 """Moving the learner's weights into the rollout engines, behind one interface.
 
-`ObjectStoreSync` is what the trainer and the rollout pool use: `setup` once the engines
-exist, `push` a new version to every engine, `rejoin` a restarted engine (it gets the version
-the others serve, never newer weights the learner has made since). Its transport: learner
+`ObjectStoreSync` is what the trainer and the rollout pool use: `push` a new version to every
+engine, `rejoin` a restarted engine (it gets the version the others serve, never newer weights
+the learner has made since). Its transport: learner
 rank 0 serialises the full state dict with safetensors (no pickle) into the Ray object store;
 each engine loads the bytes inside its vLLM worker through `WorkerExtension.rayskd_load_weights`
 (registered with `worker_extension_cls`, so no insecure serialisation is needed) using vLLM's
 in-place `reload_weights`. A collective transport (NCCL broadcast from the learner into the
-engines on GPUs) implements the same three methods.
+engines on GPUs) would implement the same two methods.
 
 Checkpoints do not go through here: they read `Learner.full_state_dict()` directly.
 """
@@ -32,9 +32,6 @@ class ObjectStoreSync:
         self.learner = learner_group
         self.version = 0
         self.payload = None  # object ref to the bytes of `version` (None: the initial weights)
-
-    def setup(self, engines: list) -> None:
-        """Nothing to set up for the object store (a collective would form its group here)."""
 
     def push(self, engines: list, version: int) -> list:
         """Start loading the learner's current weights into every engine as `version`; returns

@@ -3,6 +3,7 @@ rollout pool and the non-finite-loss policy."""
 import pytest
 
 from rayskd.batch import PromptBatch
+from rayskd.metrics import StepRecord
 from rayskd.rollout_pool import RolloutPool
 from rayskd.trainer import STOP_AFTER_NONFINITE, Trainer, TrainingError
 
@@ -38,11 +39,11 @@ def test_split_prompts_contiguous_and_complete():
 def test_stop_after_three_non_finite_updates_in_a_row():
     t = bare_trainer()
     for _ in range(STOP_AFTER_NONFINITE - 1):
-        t._check_finite({"step": 1, "skipped_update": True})
-    t._check_finite({"step": 2, "skipped_update": False})  # a good step resets the count
+        t._check_finite(StepRecord(step=1, skipped_update=True))
+    t._check_finite(StepRecord(step=2, skipped_update=False))  # a good step resets the count
     assert t.nonfinite_in_a_row == 0
     for _ in range(STOP_AFTER_NONFINITE - 1):
-        t._check_finite({"step": 3, "skipped_update": True})
+        t._check_finite(StepRecord(step=3, skipped_update=True))
     with pytest.raises(TrainingError, match="non-finite"):
-        t._check_finite({"step": 4, "skipped_update": True})
+        t._check_finite(StepRecord(step=4, skipped_update=True))
     assert len(t.log.events) == 2 * (STOP_AFTER_NONFINITE - 1) + 1
