@@ -82,14 +82,17 @@ def test_a_teacher_template_that_renders_differently_is_refused(chat_tokenizer, 
 
 
 @pytest.mark.slow
-def test_two_steps_on_a_parquet_dataset_of_chat_messages(demo_assets, tmp_path, no_leftover_engines):
+def test_two_steps_on_a_parquet_dataset_of_chat_messages(demo_assets, tmp_path, monkeypatch, no_leftover_engines):
     """The demo's rows as chat messages in Parquet (verl's layout), through a chat template on
     the demo student and teacher that renders them as the plain prompts: training sees the very
-    same token sequences as the plain JSONL run, so both runs' numbers agree step for step."""
+    same token sequences as the plain JSONL run, so both runs' numbers agree step for step. The
+    plain run names its models by Hugging Face ids, resolved through the local cache to the
+    cached snapshots (issue 13.5: tests/test_model_ids.py), which the run's config.yaml keeps."""
     import shutil
 
     from transformers import AutoTokenizer
 
+    from test_model_ids import COMMIT, cache_with_demo_models
     from test_system import FAST, metrics, rayskd
 
     assets = demo_assets[0]
@@ -110,8 +113,16 @@ def test_two_steps_on_a_parquet_dataset_of_chat_messages(demo_assets, tmp_path, 
                   f"data.train_path={tmp_path / 'train.parquet'}", f"data.eval_path={tmp_path / 'eval.parquet'}",
                   "data.answer_key=reward_model.ground_truth")
     assert chat.returncode == 0, chat.stdout[-3000:] + chat.stderr[-3000:]
-    plain = rayskd("train", "configs/demo.yaml", *common, f"run.output_dir={tmp_path / 'plain'}")
-    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    cache = str(tmp_path / "hub")
+    cache_with_demo_models(assets, cache)
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plain = rayskd("train", "configs/demo.yaml", *common, f"run.output_dir={tmp_path / 'plain'}",
+                   "student.path=rayskd-test/demo-student", "teacher.path=rayskd-test/demo-teacher")
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    config = (tmp_path / "plain" / "config.yaml").read_text()
+    assert os.path.join(cache, "models--rayskd-test--demo-student", "snapshots", COMMIT) in config
     for a, b in zip(metrics(tmp_path / "chat"), metrics(tmp_path / "plain"), strict=True):
         assert a["prompt_uids"] == b["prompt_uids"]
         for key in ("reward_mean", "kd_divergence", "response_len_mean", "policy_loss", "sampler_mismatch_max"):

@@ -1,6 +1,9 @@
-"""Worker failures with real processes: a rollout worker killed mid-run is restarted and its
-prompts retried (no prompt lost or used twice); a learner failure stops the run with a
-message that says how to resume, never leaving a checkpoint that looks complete but is not."""
+"""Worker failures with real processes: a rollout worker and a teacher scorer killed mid-run are
+restarted and their work retried (no prompt lost or used twice), while bad reward values and a
+memory-hogging reward are counted samples, not a lost run; a learner failure stops the run with
+a message that says how to resume, never leaving a checkpoint that looks complete but is not;
+SIGTERM and Ctrl-C each checkpoint the last completed step, and the resumes continue. Each test
+is one run whose assertions share it (a run costs ~25 s of start-up on 2 cores)."""
 import contextlib
 import os
 import signal
@@ -11,16 +14,48 @@ import time
 import psutil
 import pytest
 
-from test_system import FAST, metrics
+from test_system import FAST, demo_paths, metrics, rayskd
 
 pytestmark = pytest.mark.slow
 
+REWARDS = '''
+def bad_values(prompt, completion, answer):
+    """NaN, a bool, None, a numpy float, and now and then 40 GB: every kind of bad sample."""
+    import numpy as np
+    correct = completion.strip() == answer.strip()
+    k = sum(map(ord, completion + prompt)) % 5
+    if k == 0:
+        return float("nan")
+    if k == 1:
+        return correct
+    if k == 2 and not correct:
+        return None
+    if k == 3 and len(completion) % 7 == 0:
+        return float(len(bytearray(40 * 2**30)))
+    return np.float32(correct)
+
+
+def always_nan(prompt, completion, answer):
+    return float("nan")
+'''
+
+
+@pytest.fixture
+def rewards_dir(tmp_path):
+    d = tmp_path / "rewards"
+    d.mkdir()
+    (d / "my_rewards.py").write_text(REWARDS)
+    return d
+
 
 @contextlib.contextmanager
-def training(*args):
-    """`rayskd train configs/demo.yaml ARGS` in its own process group, killed whole on exit."""
-    proc = subprocess.Popen([sys.executable, "-m", "rayskd", "train", os.path.abspath("configs/demo.yaml"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def training(*args, command: str = "train", cwd=None):
+    """`rayskd train configs/demo.yaml ARGS` (or `rayskd resume ARGS`) in its own process group,
+    killed whole on exit."""
+    cmd = [sys.executable, "-m", "rayskd", command, *([os.path.abspath("configs/demo.yaml")] if command == "train"
+                                                      else []), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=cwd)
     try:
         yield proc
     finally:
@@ -46,16 +81,37 @@ def kill_actor(name):
     return victims[0].pid
 
 
-def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(demo_assets, tmp_path,
-                                                                             no_leftover_engines):
+def nothing_lost(run, at_least: int, log: str) -> None:
+    """The stopped run's newest checkpoint is its last logged step (>= at_least), and a resume
+    continues from it with one more step and no gap."""
+    from rayskd import checkpoint
+
+    assert checkpoint.latest(str(run)) is not None, log[-3000:]
+    step, _ = checkpoint.latest(str(run))
+    assert step == len(metrics(run)) >= at_least  # nothing trained is lost
+    r = rayskd("resume", str(run), f"run.steps={step + 1}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in metrics(run)] == list(range(1, step + 2))
+
+
+def test_killed_rollout_worker_and_teacher_and_bad_rewards_lose_nothing(demo_assets, tmp_path, rewards_dir,
+                                                                       no_leftover_engines):
+    """One run: the rollout worker killed after step 2 (restarted, its prompts retried: none lost or
+    repeated, and it samples the current weights), the teacher scorer killed after step 3
+    (restarted, its work retried), and a reward that returns NaN, bools, None, numpy floats and
+    sometimes allocates 40 GB (each bad sample counted and scored 0)."""
     from rayskd.config import load_config
     from rayskd.data.dataset import PromptSampler
 
+    assets, _ = demo_assets
     run = tmp_path / "run"
-    args = ["run.steps=5", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
-    with training(*args) as proc:
+    args = ["run.steps=5", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST,
+            *demo_paths(assets), "reward.function=my_rewards:bad_values", "reward.max_memory_mb=1024"]
+    with training(*args, cwd=str(rewards_dir)) as proc:
         wait_for_steps(run, 2, proc)
         kill_actor("RolloutEngine")
+        wait_for_steps(run, 3, proc)
+        kill_actor("TeacherScorer")
         out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert "rollout worker 0 failed" in out
@@ -66,27 +122,22 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(de
     for m in rows:
         assert m["prompt_uids"] == sorted(sampler.next(cfg.algorithm.prompts_per_step))
         assert m["weights_version_sampled"] == m["step"] - 1  # the restarted engine got the current weights
+        assert m["kd_divergence"] is not None and m["kd_divergence"] > 0  # the restarted teacher scored
+        assert m["reward_errors"] > 0 and m["reward_mean"] == m["reward_mean"]  # finite: the bad ones scored 0
 
 
-def test_killed_teacher_scorer_is_restarted_and_its_work_retried(demo_assets, tmp_path, no_leftover_engines):
+def test_a_learner_failure_then_a_damaged_checkpoint_and_a_resume_on_another_layout(demo_assets, tmp_path,
+                                                                                    no_leftover_engines):
+    """A learner rank killed mid-run: exit 1 with the resume hint, and every committed
+    checkpoint complete. Then, on that run: a resume on an impossible layout is refused in
+    seconds before Ray starts, leaving the run's config alone; with the newest checkpoint
+    truncated, a resume on one learner rank (two wrote it) passes over it to the one before."""
+    from rayskd import checkpoint
+
     run = tmp_path / "run"
-    with training("run.steps=4", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64",
-                  *FAST) as proc:
-        wait_for_steps(run, 1, proc)
-        kill_actor("TeacherScorer")
-        out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    rows = metrics(run)
-    assert [m["step"] for m in rows] == [1, 2, 3, 4]
-    assert all(m["kd_divergence"] is not None and m["kd_divergence"] > 0 for m in rows)
-
-
-def test_learner_failure_stops_with_resume_hint_and_no_partial_checkpoint(demo_assets, tmp_path,
-                                                                          no_leftover_engines):
-    run = tmp_path / "run"
-    with training("run.steps=50", "run.checkpoint_every=1", f"run.output_dir={run}", "learner.world_size=2",
-                  "run.eval_every=0", "run.eval_max_prompts=16") as proc:
-        wait_for_steps(run, 2, proc)
+    with training("run.steps=50", "run.checkpoint_every=1", "run.keep_checkpoints=3", f"run.output_dir={run}",
+                  "learner.world_size=2", "run.eval_every=0", "run.eval_max_prompts=16") as proc:
+        wait_for_steps(run, 4, proc)  # step 3's checkpoint is committed before step 4 is logged
         kill_actor("Learner")
         out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
@@ -94,23 +145,52 @@ def test_learner_failure_stops_with_resume_hint_and_no_partial_checkpoint(demo_a
     root = run / "checkpoints"
     committed = [d for d in os.listdir(root) if not d.endswith(".tmp")]
     assert committed and all((root / d / "COMPLETE").exists() for d in committed)
+    config = (run / "config.yaml").read_text()
+
+    # an impossible layout: exit 2 in seconds, before Ray starts, the run's config untouched
+    t0 = time.time()
+    r = rayskd("resume", str(run), "learner.world_size=3", "run.steps=4")
+    assert r.returncode == 2 and "learner.world_size=3" in r.stderr, r.stderr
+    assert time.time() - t0 < 60 and "Started a local Ray instance" not in r.stdout + r.stderr
+    assert (run / "config.yaml").read_text() == config
+
+    # the newest checkpoint truncated, the one before missing nothing: resume from it, on one
+    # learner rank where two wrote it
+    newest, _ = checkpoint.latest(str(run))
+    assert newest >= 3
+    model = root / f"step_{newest:06d}" / "hf" / "model.safetensors"
+    with open(model, "r+b") as f:
+        f.truncate(os.path.getsize(model) // 2)
+    r = rayskd("resume", str(run), f"run.steps={newest + 1}", "learner.world_size=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"step_{newest:06d} is damaged (hf/model.safetensors has" in r.stdout, r.stdout[-3000:]
+    assert f"step {newest - 1}" in r.stdout, r.stdout[-3000:]
+    assert [m["step"] for m in metrics(run)] == list(range(1, newest + 2))
+    assert "world_size: 1" in (run / "config.yaml").read_text()  # rewritten once the resume worked
 
 
-def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(demo_assets, tmp_path,
-                                                                         no_leftover_engines):
+def test_sigterm_then_ctrl_c_each_checkpoint_and_the_resumes_continue(demo_assets, tmp_path, no_leftover_engines):
+    """SIGTERM (what `ray job stop` and schedulers send): a checkpoint after the current step and
+    exit 3 (stopped before the requested steps: not a finished run). The resume continues, and
+    Ctrl-C (SIGINT to the whole foreground group) checkpoints the last completed step and exits
+    130; the next resume continues with no step lost or repeated."""
+    from rayskd import checkpoint
+
     run = tmp_path / "run"
     args = ["run.steps=40", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
     with training(*args) as proc:
         wait_for_steps(run, 2, proc)
-        proc.send_signal(signal.SIGTERM)  # what `ray job stop` and schedulers send
+        proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 3, err[-3000:]  # stopped before the requested steps: not a finished run
+    assert proc.returncode == 3, err[-3000:]
     assert "stopped on request" in out
-    from rayskd import checkpoint
-
     step, _ = checkpoint.latest(str(run))
     assert step == len(metrics(run)) and step < 40
-    r = subprocess.run([sys.executable, "-m", "rayskd", "resume", str(run), f"run.steps={step + 1}"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in metrics(run)] == list(range(1, step + 2))
+
+    with training(str(run), "run.steps=40", command="resume") as proc:
+        wait_for_steps(run, step + 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert f"rayskd resume {run}" in err
+    nothing_lost(run, at_least=step + 2, log=out)

@@ -4,10 +4,8 @@ in no cache is exit 2 naming the key, before anything starts."""
 import os
 import shutil
 
-import pytest
-
 from rayskd.config import load_config
-from test_system import FAST, metrics, rayskd
+from test_system import rayskd
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -29,20 +27,10 @@ def test_model_ids_are_kept_and_paths_made_absolute():
     assert cfg.teacher.path == os.path.abspath("demo_assets/teacher")  # exists here: a path
 
 
-@pytest.mark.slow
-def test_a_run_from_model_ids_in_the_cache(demo_assets, tmp_path, monkeypatch, no_leftover_engines):
-    cache = str(tmp_path / "hub")
-    cache_with_demo_models(demo_assets[0], cache)
-    monkeypatch.setenv("HF_HUB_CACHE", cache)
+def test_a_model_id_in_no_cache_is_exit_2_before_anything_starts(demo_assets, tmp_path, monkeypatch):
+    """(A run from model ids in the cache: tests/test_data_formats.py, as the plain reference run.)"""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = tmp_path / "run"
-    r = rayskd("train", "configs/demo.yaml", "run.steps=1", f"run.output_dir={run}", "learner.world_size=1", *FAST,
-               "student.path=rayskd-test/demo-student", "teacher.path=rayskd-test/demo-teacher")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [m["step"] for m in metrics(run)] == [1]
-    config = (run / "config.yaml").read_text()
-    assert os.path.join(cache, "models--rayskd-test--demo-student", "snapshots", COMMIT) in config
-
     r = rayskd("train", "configs/demo.yaml", f"run.output_dir={tmp_path / 'other'}",
                "student.path=rayskd-test/not-cached")
     assert r.returncode == 2 and "student.path: rayskd-test/not-cached is neither a local directory" in r.stderr
