@@ -6,6 +6,7 @@ Dispatch is explicit: `group.call("method", ...)` calls every actor, `group.acto
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 
@@ -52,6 +53,9 @@ def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> d
     return b
 
 
+GROUP_IDS = itertools.count()
+
+
 class ActorGroup:
     def __init__(self, name: str, cls, n: int, num_cpus: float, num_gpus: float, args_for, *,
                  resources: dict | None = None, env_vars: dict | None = None, max_restarts: int = 0,
@@ -61,8 +65,9 @@ class ActorGroup:
         DeepSpeed's, its child processes') goes to LOG_DIR/NAME_i.log (see log_to_file)."""
         self.name, self.n, self.log_dir = name, n, log_dir
         resources = {k: v for k, v in (resources or {}).items() if v > 0}  # 0: not required
+        tag = f"{os.getpid()}-{next(GROUP_IDS)}"  # unique in this process: a role may have several groups
         self.pg = placement_group([bundle(num_cpus, num_gpus, resources)] * n, strategy="PACK",
-                                  name=f"rayskd-{name}-{os.getpid()}")
+                                  name=f"rayskd-{name}-{tag}")
         ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
@@ -74,9 +79,9 @@ class ActorGroup:
         self.actors = [
             remote_cls.options(
                 num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_restarts=max_restarts,
-                max_task_retries=task_retries, name=f"rayskd-{name}-{i}-{os.getpid()}",
+                max_task_retries=task_retries, name=f"rayskd-{name}-{i}-{tag}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env=self._runtime_env(env_vars, log_dir, i),
+                runtime_env=self._runtime_env(env_vars, log_dir, i, num_gpus),
             ).remote(**args_for(i, self.pg))
             for i in range(n)
         ]
@@ -85,10 +90,15 @@ class ActorGroup:
         """Where actor i's output is, for messages."""
         return os.path.join(self.log_dir, f"{self.name}_{i}.log") if self.log_dir else "the Ray session's logs"
 
-    def _runtime_env(self, env_vars: dict | None, log_dir: str | None, i: int) -> dict | None:
+    def _runtime_env(self, env_vars: dict | None, log_dir: str | None, i: int, num_gpus: float) -> dict | None:
         env = dict(env_vars or {})
         if log_dir:
             env[LOG_FILE_VAR] = self.log_file(i)
+        if num_gpus == 0:
+            # an actor uses exactly the GPUs Ray gave it: Ray sets CUDA_VISIBLE_DEVICES for those it
+            # gives some, but no longer hides the GPUs from one it gives none (it would land on GPU 0
+            # uncounted, beside whatever Ray placed there)
+            env["CUDA_VISIBLE_DEVICES"] = ""
         return {"env_vars": env} if env else None
 
     def nodes(self) -> list[str]:

@@ -50,6 +50,9 @@ def _run(cfg) -> int:
     try:
         trainer.setup()
         summary = trainer.fit()
+    except UsageError as e:  # found once connected to a cluster (its GPUs), before any actor started
+        print(f"rayskd: {e}", file=sys.stderr)
+        return USAGE
     except KeyboardInterrupt:
         print("rayskd: interrupted (Ctrl-C); checkpointing the last completed step", file=sys.stderr)
         trainer.checkpoint_on_stop("interrupted")

@@ -19,6 +19,7 @@ from .losses import (
     ADVANTAGES, AGGREGATIONS, DIVERGENCES, GENERATORS, KD_MASKS, KD_NORMS, SCHEDULES, TEACHER_ESTIMATORS,
 )
 from .rewards import BUILTIN as BUILTIN_REWARDS
+from .weight_sync import TRANSPORTS
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line: `<key>: <what is wrong>`."""
@@ -115,9 +116,17 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0  # only 1.0: see validate()
     top_k: int = -1  # only -1 (off): see validate()
-    gpu_memory_utilization: float = 0.5
+    # the share of its GPU's memory an engine takes for weights and KV cache (vLLM's
+    # gpu_memory_utilization); unset: 0.9 x its GPU share (gpus_per_worker, at most 1)
+    gpu_memory_utilization: Optional[float] = None
     cpu_kv_cache_gb: int = 1
     sync_timeout_s: float = 120.0
+    # how the learner's weights reach the engines (weight_sync.py): collective (a process group of
+    # learner rank 0 and every engine worker: gloo on CPU, NCCL on GPU), object_store (through
+    # Ray's object store), or auto: collective on GPUs, except object_store where an engine may
+    # share learner rank 0's GPU (NCCL cannot join two ranks on one device), and on CPU (faster there)
+    weight_transport: str = "auto"
+    weight_bucket_mb: int = 512  # the most a push moves in one message (ZeRO-3 gathers this much at a time)
     # sample exactly max_new_tokens: an end-of-sequence token is an ordinary token (the
     # sampling distribution is unchanged, so the learner's log-probs still match). For benchmarks.
     ignore_eos: bool = False
@@ -210,6 +219,19 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+
+def engine_memory_fraction(rollout: RolloutConfig) -> float:
+    """vLLM's gpu_memory_utilization for an engine: as set, or 0.9 x its GPU share."""
+    if rollout.gpu_memory_utilization is not None:
+        return rollout.gpu_memory_utilization
+    return 0.9 * min(rollout.gpus_per_worker, 1.0) if rollout.gpus_per_worker > 0 else 0.9
+
+
+def gpus_asked(cfg: Config) -> float:
+    """The GPUs a run's actors ask Ray for, all roles together."""
+    return (cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + cfg.teacher.num_workers * cfg.teacher.gpus_per_worker
+            + cfg.learner.world_size * cfg.learner.gpus_per_worker)
 
 
 def requests_per_step(cfg: Config) -> int:
@@ -360,6 +382,9 @@ def validate(cfg: Config) -> None:
                f"tensor_parallel_size={tp} needs {tp} whole GPUs per worker (or 0 on CPU), got {c.gpus_per_worker:g}")
     _gpus("learner.gpus_per_worker", learner.gpus_per_worker)
     _check(learner.gpus_per_worker <= 1, "learner.gpus_per_worker", "a learner rank drives one GPU (use world_size)")
+    _check(learner.world_size == 1 or learner.gpus_per_worker in (0, 1), "learner.gpus_per_worker",
+           f"{learner.gpus_per_worker:g} GPU per rank lets Ray put two of the {learner.world_size} learner ranks on one "
+           f"GPU, which NCCL refuses: give each rank a whole GPU (1), or train with one rank")
     _check(learner.world_size >= 1, "learner.world_size", "must be >= 1")
     for section, c in (("rollout", rollout), ("teacher", teacher), ("learner", learner)):
         for name, amount in c.resources.items():
@@ -382,8 +407,15 @@ def validate(cfg: Config) -> None:
                  "the importance weights and the teacher gradient; sample from the full distribution"
     _check(rollout.top_p == 1.0, "rollout.top_p", f"must be 1.0, got {rollout.top_p}: {truncation}")
     _check(rollout.top_k == -1, "rollout.top_k", f"must be -1 (off), got {rollout.top_k}: {truncation}")
-    _check(0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    if rollout.gpu_memory_utilization is not None:
+        _check(0 < rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        _check(rollout.gpus_per_worker >= 1 or rollout.gpu_memory_utilization <= rollout.gpus_per_worker or
+               rollout.gpus_per_worker == 0, "rollout.gpu_memory_utilization",
+               f"{rollout.gpu_memory_utilization} of a GPU's memory is more than the engine's share of it "
+               f"(rollout.gpus_per_worker={rollout.gpus_per_worker:g}): whatever shares the GPU would run out")
     _check(rollout.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
+    _choice("rollout.weight_transport", rollout.weight_transport, TRANSPORTS)
+    _check(rollout.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
 
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {learner.zero_stage}")
     _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")

@@ -21,7 +21,7 @@ from .losses import (
     policy_gradient_term, rehearsal_loss, teacher_term,
 )
 from .modeling import PolicyModel, load_causal_lm, vocab_limit
-from .weight_sync import pack_weights
+from .weight_sync import WeightGroup, WeightLayout, pack, plan_layout, to_numpy
 
 
 def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, ranks: int, algo: AlgorithmConfig,
@@ -374,16 +374,55 @@ class Learner:
                     out[name] = t.detach().contiguous().cpu().clone()
         return out
 
-    def sync_payload(self) -> bytes | None:
-        """The weights for the rollout engines, as `weight_sync.ObjectStoreSync` moves them
-        (rank 0; every rank calls, since ZeRO-3 gathers)."""
-        weights = self.full_state_dict()
-        return pack_weights(weights) if self.rank == 0 else None
+    # ---- the weight push (weight_sync.py) ----
+
+    def _pushed(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters a push sends, in the model's order, each once: a tied LM head is the
+        embedding's parameter and named only under the embedding's name."""
+        return list(self.model.named_parameters())
+
+    def weight_layout(self, dtype: str, bucket_bytes: int) -> WeightLayout:
+        """The buckets of every push, in the engines' `dtype` (the same on every rank)."""
+        shapes = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in self._pushed()]
+        return plan_layout(shapes, getattr(torch, dtype), bucket_bytes)
+
+    def _buckets(self, layout: WeightLayout):
+        """Each bucket packed on rank 0 (other ranks: None), on the learner's device; under
+        ZeRO-3 every rank takes part in gathering one bucket's parameters at a time."""
+        import deepspeed
+
+        params = dict(self._pushed())
+        for bucket in layout.buckets:
+            ps = [params[name] for name, _ in bucket]
+            with deepspeed.zero.GatheredParameters(ps, modifier_rank=None, enabled=self.zero3):
+                yield pack(ps, layout.torch_dtype) if self.rank == 0 else None
+
+    def weight_buckets(self, layout: WeightLayout) -> list | None:
+        """The object-store transport's payload: every bucket as a numpy array (which Ray stores
+        and hands to the engines without a copy; `weight_sync.from_numpy` turns it back), on
+        rank 0; every rank calls."""
+        flats = [to_numpy(flat) if flat is not None else None for flat in self._buckets(layout)]
+        return flats if self.rank == 0 else None
+
+    def join_weight_group(self, addr: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0: form the collective transport's group with the engines' workers (rank 0 of it)."""
+        self.weight_group = WeightGroup(addr, port, 0, world_size, timeout_s, self.device)
+
+    def broadcast_weights(self, layout: WeightLayout) -> int:
+        """The collective transport's push: rank 0 broadcasts each bucket (every rank calls)."""
+        count = 0
+        for flat in self._buckets(layout):
+            if flat is not None:
+                self.weight_group.broadcast(flat)
+                count += 1
+        return count
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log pi_theta (temperature 1) of tokens 1..end of a fixed sequence (to check weight
-        syncs; under ZeRO-3 every rank must call)."""
+        """log-softmax over every LM-head row (temperature 1) of tokens 1..end of a fixed
+        sequence, to check that the engines serve these weights (`RolloutEngine.sequence_logprobs`
+        normalises over every row too: vLLM's prompt log-probs take no logit bias, so the padded
+        rows cannot be left out there). Under ZeRO-3 every rank must call."""
         ids = torch.tensor([token_ids], device=self.device)
-        logits = self.model(input_ids=ids).logits[0, :-1, :self.vocab_size].float()
+        logits = self.model(input_ids=ids).logits[0, :-1].float()
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

@@ -85,15 +85,24 @@ class RolloutPipeline:
                     self._generate(r)
 
     def _generate(self, r: Request) -> None:
-        """Send `r` to the engine with the fewest requests still generating."""
-        load = [0] * self.pool.n
+        """Send `r` to the ready engine with the fewest requests still generating; with none
+        ready (restarted ones wait for the next weight push) it waits (`_send_waiting`)."""
+        load = {i: 0 for i in self.pool.ready()}
         for q in self._pending():
-            if q.engine >= 0 and q is not r:
+            if q.engine in load and q is not r:
                 load[q.engine] += 1
-        r.engine = load.index(min(load))
         r.summary, r.score, r.teacher = None, None, -1
-        r.shard, r.summary_ref = self.pool.actors[r.engine].generate_with_summary.options(num_returns=2).remote(
-            r.prompts, r.step)
+        if not load:
+            r.engine, r.shard, r.summary_ref = -1, None, None
+            return
+        r.engine = min(load, key=load.get)
+        r.shard, r.summary_ref = self.pool.generate(r.engine, r.prompts, r.step)
+
+    def _send_waiting(self) -> None:
+        """Send the requests that waited for a ready engine."""
+        for r in self._pending():
+            if r.summary_ref is None:
+                self._generate(r)
 
     def _score(self, r: Request) -> None:
         """Send `r`'s samples to the teacher with the fewest scoring calls outstanding."""
@@ -116,7 +125,7 @@ class RolloutPipeline:
         """Collect the requests that finished generating and send each to a teacher; with
         `block`, first wait until at least one finishes. A failed engine is revived and its
         request re-sent (same seeds: same samples, unless the weights moved on meanwhile)."""
-        pending = self._pending()
+        pending = [r for r in self._pending() if r.summary_ref is not None]
         if not pending:
             return
         refs = [r.summary_ref for r in pending]
@@ -145,7 +154,7 @@ class RolloutPipeline:
             _, not_ready = ray.wait(refs, num_returns=len(refs), timeout=0)
             if not not_ready:
                 return
-            pending = self._pending()
+            pending = [r for r in self._pending() if r.summary_ref is not None]
             if not pending:
                 ray.wait(refs, num_returns=len(refs))
                 return
@@ -157,8 +166,11 @@ class RolloutPipeline:
         requests are sent first, so they generate while this one trains. A request sampled
         more than max_staleness versions before `version` is regenerated."""
         self.fill(step)
+        self._send_waiting()
         while True:
             while any(r.summary is None for r in self.inflight[step]):
+                if any(r.summary_ref is None for r in self.inflight[step]):
+                    raise TrainingError(f"step {step + 1}: no rollout engine is ready to generate its samples")
                 self.pump(block=True)
             stale = [r for r in self.inflight[step] if version - r.summary.weights_version > self.max_staleness]
             if not stale:
@@ -183,6 +195,8 @@ class RolloutPipeline:
         from safetensors.torch import save_file
 
         tensors, meta = {}, []
+        if wait:
+            self._send_waiting()
         for step in sorted(self.inflight):
             for i, r in enumerate(self.inflight[step]):
                 while wait and r.summary is None:  # a retried request must finish first
@@ -199,7 +213,7 @@ class RolloutPipeline:
     @staticmethod
     def _finished_shard(r: Request):
         """The samples of `r` if its engine delivered them, else None (without waiting)."""
-        if not ray.wait([r.shard], timeout=0)[0]:
+        if r.shard is None or not ray.wait([r.shard], timeout=0)[0]:
             return None
         try:
             return ray.get(r.shard)

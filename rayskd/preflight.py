@@ -174,6 +174,28 @@ def check_same_template(student_tok, teacher_tok, system_prompt: str | None) -> 
                          f"trained on; set teacher.allow_template_mismatch=true to train anyway")
 
 
+def check_gpu_layout(cfg: Config, available: float, where: str) -> None:
+    """A layout the cluster cannot hold is refused before any actor starts: more GPUs than
+    `available` (the GPUs of this machine, or of the cluster at RAY_ADDRESS)."""
+    from .config import gpus_asked
+
+    asked = gpus_asked(cfg)
+    if asked > available + 1e-9:
+        roles = ", ".join(f"{role} {n} x {g:g}" for role, n, g in (
+            ("rollout", cfg.rollout.num_workers, cfg.rollout.gpus_per_worker),
+            ("teacher", cfg.teacher.num_workers, cfg.teacher.gpus_per_worker),
+            ("learner", cfg.learner.world_size, cfg.learner.gpus_per_worker)) if g > 0)
+        raise UsageError(f"*.gpus_per_worker: the run asks for {asked:g} GPUs ({roles}) and {where} has "
+                         f"{available:g}; lower num_workers / world_size or gpus_per_worker (fractions share a GPU)")
+
+
+def local_gpus() -> int:
+    """The GPUs of this machine, for a local Ray cluster."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_models(cfg: Config) -> Config:
     """student.path / teacher.path given as Hugging Face model ids become local directories:
     the cached snapshot (HF_HUB_OFFLINE=1, as scripts/_env.sh sets) or a download where there

@@ -16,10 +16,10 @@ import torch
 
 from .actor_logs import log_to_file
 from .batch import PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
-from .config import RewardConfig, RolloutConfig
+from .config import RewardConfig, RolloutConfig, engine_memory_fraction
 from .evaluation import EvalRows
 from .rewards.runner import RewardRunner
-from .weight_sync import WORKER_EXTENSION
+from .weight_sync import WORKER_EXTENSION, WeightLayout, exit_on_failure
 
 
 def _has_gpu() -> bool:
@@ -137,7 +137,7 @@ class RolloutEngine:
         self.llm = LLM(
             model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
             dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu,
-            gpu_memory_utilization=cfg.gpu_memory_utilization if gpu else 0.2,
+            gpu_memory_utilization=engine_memory_fraction(cfg) if gpu else 0.2,
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
             enable_prefix_caching=False, tensor_parallel_size=cfg.tensor_parallel_size,
             # tensor-parallel ranks are vLLM's own worker processes, on the devices Ray gave this actor
@@ -241,10 +241,27 @@ class RolloutEngine:
         ip = ray.util.get_node_ip_address()
         return [(ip, c.pid, c.create_time()) for c in psutil.Process().children(recursive=True)]
 
-    def load_weights(self, blob: bytes, version: int) -> int:
-        """Load the learner's weights (safetensors bytes) into the engine; returns the version."""
-        with engine_alive():
-            self.llm.collective_rpc("rayskd_load_weights", args=(blob,))
+    # ---- the weight push (weight_sync.py): a load that fails half-way exits the process ----
+
+    def weights_dtype(self) -> str:
+        """The dtype the engine's weights are in (a push sends them in it)."""
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+    def load_weights(self, flats: list, layout: WeightLayout, version: int) -> int:
+        """Load a push through the object store (the buckets: Ray resolved the reference)."""
+        with exit_on_failure(f"loading weights version {version}"):
+            self.llm.collective_rpc("rayskd_load_buckets", args=(flats, *layout.plain()))
+        self.version = version
+        return version
+
+    def join_weight_group(self, addr: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> None:
+        """Every worker of this engine joins the collective transport's group (ranks first_rank ..)."""
+        self.llm.collective_rpc("rayskd_join_weight_group", args=(addr, port, first_rank, world_size, timeout_s))
+
+    def receive_weights(self, layout: WeightLayout, version: int) -> int:
+        """Load a push over the collective transport (the learner broadcasts meanwhile)."""
+        with exit_on_failure(f"receiving weights version {version}"):
+            self.llm.collective_rpc("rayskd_receive", args=layout.plain())
         self.version = version
         return version
 

@@ -18,7 +18,9 @@ import ray
 
 from .actors import ActorGroup, TrainingError
 from .batch import PromptBatch, split_prompts
-from .weight_sync import ObjectStoreSync
+from .weight_sync import CollectiveSync, ObjectStoreSync
+
+WeightSync = ObjectStoreSync | CollectiveSync
 
 RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
 MAX_RETRIES = 3  # of one request or scoring call
@@ -69,13 +71,21 @@ def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_
 
 
 class RolloutPool:
-    def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: ObjectStoreSync | None):
+    def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: WeightSync | None):
         """`weights` moves the learner's weights into the engines, and into a restarted one
         before it takes work again (None: the engines serve the model they started with, as
         in `rayskd eval`)."""
         self.group, self.event, self.weights = group, event, weights
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
         self.failures: list[list[float]] = [[] for _ in range(group.n)]  # times each worker failed
+        # the learner is in an update (Trainer.step): its weights are newer than the engines'.
+        # A collective push would give a restarted engine those; it waits for the step's push
+        # instead, and takes no work until then (`ready`)
+        self.learner_busy = False
+        self.behind: set[int] = set()  # restarted engines waiting for the next push
+        self.regroup = False  # an engine restarted: the collective transport forms its group again
+        if weights is not None:
+            weights.setup(self.actors)
 
     @property
     def n(self) -> int:
@@ -115,22 +125,49 @@ class RolloutPool:
                 calls[i] = submit(i)
         raise TrainingError(f"rollout workers {failed} kept failing during {what} after {MAX_RETRIES} retries")
 
+    def ready(self) -> list[int]:
+        """The engines that serve the pushed weights and may take work."""
+        return [i for i in range(self.n) if i not in self.behind]
+
     def sync_weights(self, version: int, timeout_s: float) -> None:
         """Every engine loads the learner's current weights as `version`; fails (never hangs)
         after `timeout_s` naming the engines that did not finish. One that dies meanwhile is
         revived with the weights."""
+        if self.regroup:
+            self.weights.setup(self.actors)
+            self.regroup = False
         loads = self.weights.push(self.actors, version)
-        _, pending = ray.wait(loads, num_returns=len(loads), timeout=timeout_s)
+        side = self.weights.side_refs  # the learner ranks' part
+        _, pending = ray.wait(loads + side, num_returns=len(loads) + len(side), timeout=timeout_s)
         if pending:
             late = [i for i, r in enumerate(loads) if r in pending]
             raise TrainingError(f"weight sync: rollout worker(s) {late} did not load weights version {version} "
-                                f"within rollout.sync_timeout_s={timeout_s}s")
+                                f"within rollout.sync_timeout_s={timeout_s}s" if late else
+                                f"weight sync: the learner did not send weights version {version} within "
+                                f"rollout.sync_timeout_s={timeout_s}s")
+        self.behind.clear()
+        failed = []
         for i, ref in enumerate(loads):
             try:
                 ray.get(ref)
             except RESTARTABLE as e:
                 self.event(f"rollout worker {i} failed during the weight sync ({type(e).__name__})")
-                self.revive(i)
+                failed.append(i)
+        try:
+            ray.get(side)
+        except ray.exceptions.RayTaskError:
+            if not failed:  # (an engine that died takes the learner's broadcast down with it)
+                raise
+        for i in failed:
+            self.revive(i)
+
+    def generate(self, i: int, prompts: PromptBatch, step: int) -> tuple:
+        """Start engine i generating `prompts` for `step`: refs to (its shard, its summary)."""
+        return self.actors[i].generate_with_summary.options(num_returns=2).remote(prompts, step)
+
+    def sequence_logprobs(self, token_ids: list[int]) -> list[list[float]]:
+        """Every engine's log-probs of a fixed sequence (to check the weights it serves)."""
+        return ray.get([a.sequence_logprobs.remote(token_ids) for a in self.actors])
 
     def revive(self, i: int) -> None:
         """Wait until Ray has restarted worker i, then load the current weights into it."""
@@ -154,8 +191,13 @@ class RolloutPool:
                     raise TrainingError(f"rollout worker {i} did not come back within {REVIVE_TIMEOUT_S} s "
                                         f"(state {state})") from None
                 time.sleep(1)
-        if self.weights is not None:
-            self.weights.rejoin(actor)
+        if self.weights is None:
+            return
+        if self.weights.name == "collective" and self.learner_busy:  # the learner is ahead of the pushed version
+            self.behind.add(i)
+            self.regroup = True
+            return
+        self.weights.rejoin(self.actors, i)  # (collective: the group formed again, with every engine)
 
     def shutdown(self) -> None:
         """Shut the engines down, kill the actors, and kill any engine process left behind."""

@@ -115,11 +115,17 @@ def test_yaml_error_keeps_line_and_column_and_an_unreachable_cluster_is_one_line
     # GPUs that nothing would use (issue 15.3): a worker uses as many as its tensor-parallel ranks
     ("rollout.gpus_per_worker=2", "tensor_parallel_size=2 to use them"),
     ("teacher.gpus_per_worker=4", "tensor_parallel_size=4 to use them"),
+    # layouts no cluster can hold (issue 25.2): two learner ranks on one GPU (NCCL refuses), an
+    # engine taking more of a GPU's memory than its share of the GPU
+    ("learner.gpus_per_worker=0.5", "NCCL refuses"),
+    ("rollout.gpu_memory_utilization=0.8", "more than the engine's share"),
 ])
 def test_unsupported_settings_exit_2_saying_why(override, why):
     """Issue 8.4 / 8.9: settings the learner cannot honour are refused before anything
     starts, with the reason, instead of training something else."""
-    r = run_cli("print-config", DEMO, override)
+    extra = {"learner.gpus_per_worker=0.5": ["learner.world_size=2"],
+             "rollout.gpu_memory_utilization=0.8": ["rollout.gpus_per_worker=0.5"]}.get(override, [])
+    r = run_cli("print-config", DEMO, override, *extra)
     assert r.returncode == 2 and why in r.stderr and override.split("=")[0] in r.stderr
 
 
@@ -143,3 +149,12 @@ def test_the_gpu_cluster_example_resolves():
     cfg = load_config("configs/gsm8k_kdrl_gpu.yaml")
     assert cfg.reward.name == "math" and cfg.data.chat_template and cfg.learner.world_size == 4
     assert cfg.rollout.gpus_per_worker == cfg.teacher.gpus_per_worker == cfg.learner.gpus_per_worker == 1
+
+
+def test_more_gpus_than_the_machine_has_exit_2_before_ray_starts(demo_assets, tmp_path):
+    """Issue 25.2: the GPUs a run asks for are counted against this machine's (a local cluster)
+    before any actor starts (this machine has none: one GPU is too many)."""
+    r = run_cli("train", DEMO, "rollout.gpus_per_worker=1", f"run.output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "asks for 1 GPUs (rollout 1 x 1)" in r.stderr and "this machine has 0" in r.stderr, \
+        r.stderr[-2000:]
+    assert "Started a local Ray instance" not in r.stdout + r.stderr

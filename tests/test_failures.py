@@ -173,11 +173,13 @@ def test_sigterm_then_ctrl_c_each_checkpoint_and_the_resumes_continue(demo_asset
     """SIGTERM (what `ray job stop` and schedulers send): a checkpoint after the current step and
     exit 3 (stopped before the requested steps: not a finished run). The resume continues, and
     Ctrl-C (SIGINT to the whole foreground group) checkpoints the last completed step and exits
-    130; the next resume continues with no step lost or repeated."""
+    130; the next resume continues with no step lost or repeated. The learner is bf16 (issue
+    25.4): each resume's check of the engines against the restored learner takes bf16's tolerance."""
     from rayskd import checkpoint
 
     run = tmp_path / "run"
-    args = ["run.steps=40", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64", *FAST]
+    args = ["run.steps=40", f"run.output_dir={run}", "learner.world_size=1", "learner.micro_batch_size=64",
+            "learner.bf16=true", *FAST]
     with training(*args) as proc:
         wait_for_steps(run, 2, proc)
         proc.send_signal(signal.SIGTERM)
@@ -193,4 +195,5 @@ def test_sigterm_then_ctrl_c_each_checkpoint_and_the_resumes_continue(demo_asset
         out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
     assert f"rayskd resume {run}" in err
+    assert "engines float32, learner bfloat16" in out, out[-3000:]
     nothing_lost(run, at_least=step + 2, log=out)

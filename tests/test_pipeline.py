@@ -28,7 +28,7 @@ class FakeEngine:
                              torch.tensor(prompts.uids).repeat_interleave(G), G, self.version)
         return shard, summarize(shard)
 
-    def load_weights(self, blob, version):
+    def load_weights(self, flats, layout, version):
         self.version = max(0, version - self.lag)
         return version
 
@@ -52,6 +52,12 @@ class FakeTeacher:
 class Group:
     def __init__(self, actors):
         self.actors, self.n = actors, len(actors)
+
+    def ready(self):  # as RolloutPool's: every engine serves the pushed weights
+        return list(range(self.n))
+
+    def generate(self, i, prompts, step):  # as RolloutPool's
+        return self.actors[i].generate_with_summary.options(num_returns=2).remote(prompts, step)
 
     def call(self, method, *args):
         return [getattr(a, method).remote(*args) for a in self.actors]
@@ -89,7 +95,7 @@ def run(max_staleness, steps=6, engines=2, teachers=3, lag=0, requests=4):
         assert sum(ray.get([r.score for r in batch.requests])) == 8 * G
         seen.append((step, batch.staleness(version), sorted({u for s in batch.summaries for u in s.uids})))
         version += 1  # the update, then the weight sync, queued behind whatever is generating
-        ray.get([e.load_weights.remote(None, version) for e in pool.actors])
+        ray.get([e.load_weights.remote(None, None, version) for e in pool.actors])
     return seen, asked, pool, teach, events
 
 
@@ -120,7 +126,7 @@ class FakeLearner:
     def train_step(self):
         self.updates += 1
 
-    def sync_payload(self):
+    def weight_buckets(self, layout):
         return f"weights after {self.updates} updates"
 
 
@@ -129,8 +135,8 @@ class LoadingEngine:
     def __init__(self):
         self.loaded = []
 
-    def load_weights(self, blob, version):
-        self.loaded.append((blob, version))
+    def load_weights(self, flats, layout, version):
+        self.loaded.append((flats, version))
         return version
 
     def history(self):
@@ -138,16 +144,16 @@ class LoadingEngine:
 
 
 def test_a_rejoining_engine_gets_the_pushed_version_not_newer_weights():
-    from rayskd.weight_sync import ObjectStoreSync
+    from rayskd.weight_sync import ObjectStoreSync, WeightLayout
 
     learner, engines = Group([FakeLearner.remote()]), [LoadingEngine.remote() for _ in range(2)]
-    sync = ObjectStoreSync(learner)
-    sync.rejoin(engines[0])  # version 0: the initial weights, nothing to load
+    sync = ObjectStoreSync(learner, WeightLayout("float32", ()))
+    sync.rejoin(engines, 0)  # version 0: the initial weights, nothing to load
     ray.get(learner.actors[0].train_step.remote())
     assert ray.get(sync.push(engines, 1)) == [1, 1]
     ray.get(learner.actors[0].train_step.remote())  # the learner moves on (max_staleness >= 1) ...
     restarted = LoadingEngine.remote()
-    sync.rejoin(restarted)  # ... a restarted engine must serve what the others serve
+    sync.rejoin([restarted, engines[1]], 0)  # ... a restarted engine must serve what the others serve
     assert ray.get(restarted.history.remote()) == [("weights after 1 updates", 1)]
     assert ray.get(engines[0].history.remote()) == [("weights after 1 updates", 1)]
 

@@ -40,7 +40,7 @@ def test_two_rank_engine_and_teacher_match_one_rank(demo_assets, padded_teacher)
     from rayskd.batch import PromptBatch
     from rayskd.config import load_config
     from rayskd.rollout_pool import start_rollout
-    from rayskd.weight_sync import pack_weights
+    from rayskd.weight_sync import pack, plan_layout, to_numpy
 
     assets, _ = demo_assets
     tok = AutoTokenizer.from_pretrained(f"{assets}/student")
@@ -53,7 +53,11 @@ def test_two_rank_engine_and_teacher_match_one_rank(demo_assets, padded_teacher)
     shard, _, _ = fixed_batch(len(tok), tok.eos_token_id)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        blob, shard_ref = ray.put(pack_weights(moved)), ray.put(shard)
+        # the object-store transport's payload, in buckets of 64 KiB (the demo student is ~1 MiB)
+        layout = plan_layout([(k, v.shape) for k, v in moved.items()], torch.float32, 64 << 10)
+        flats = ray.put([to_numpy(pack([moved[name] for name, _ in bucket], torch.float32))
+                         for bucket in layout.buckets])
+        shard_ref = ray.put(shard)
         got = {}
         for tp in (1, 2):
             cfg = load_config("configs/demo.yaml", [
@@ -65,7 +69,7 @@ def test_two_rank_engine_and_teacher_match_one_rank(demo_assets, padded_teacher)
             try:
                 engine = engines.actors[0]
                 before = ray.get(engine.generate.remote(prompts, 3))
-                ray.get(engine.load_weights.remote(blob, 1))
+                ray.get(engine.load_weights.remote(flats, layout, 1))
                 after = ray.get(engine.generate.remote(prompts, 4))
                 engine_ranks = len(ray.get(engine.child_pids.remote()))
                 scores = ray.get(teachers.score(0, shard_ref))
