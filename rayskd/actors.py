@@ -2,7 +2,8 @@
 
 Each role (rollout, teacher, learner) is an ActorGroup: n actors of one plain class, each in
 its own bundle of a placement group, so counts and GPU fractions are config values only.
-Dispatch is explicit: `group.call("method", ...)` calls every actor, `group.actors[i]` one.
+Dispatch is explicit: `group.call("method", ...)` calls every actor, `group.call_each` each its
+own arguments, `group.call_worker(i, ...)` every tensor-parallel rank of worker i.
 """
 from __future__ import annotations
 
@@ -22,15 +23,27 @@ class PlacementError(RuntimeError):
 
 
 class TrainingError(RuntimeError):
-    """A run cannot go on (workers that keep failing, non-finite updates, a sync timeout)."""
+    """A run cannot go on (workers that keep failing, non-finite updates, a sync timeout).
+    `restartable`: whether resuming from the newest checkpoint might get past it (an automatic
+    restart, run.max_restarts); not for what the same data and weights would do again."""
+
+    def __init__(self, message: str, restartable: bool = True):
+        super().__init__(message)
+        self.restartable = restartable
+
+
+ROLES = {"Learner": "learner rank", "TeacherScorer": "teacher", "RolloutEngine": "rollout worker"}
 
 
 def describe_failure(e: BaseException, tail: int = 8) -> str:
-    """A failure as the console shows it: the actor and method that raised, what it raised,
-    and the last lines of its traceback (Ray's own wrapping left out)."""
+    """A failure as the console shows it, once and in its own words: the actor and method that
+    raised, what it raised and the end of its traceback (Ray's wrapping left out); an actor whose
+    constructor raised ("failed to start"); one that died at work, and why as far as Ray knows
+    (killed or crashed, out of memory, its node lost)."""
     import re
 
-    if not isinstance(e, (ray.exceptions.RayTaskError, ray.exceptions.RayActorError)):
+    if not isinstance(e, (ray.exceptions.RayTaskError, ray.exceptions.RayActorError,
+                          ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)):
         return f"{type(e).__name__}: {e}"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the actor's name
     lines = [line for line in text.splitlines() if line.strip() and set(line.strip()) != {"^"}]
@@ -38,12 +51,35 @@ def describe_failure(e: BaseException, tail: int = 8) -> str:
     name = f"{where.group(1)} (pid {where.group(2)})" if where else "an actor"
     if isinstance(e, ray.exceptions.RayTaskError):
         cause = getattr(e, "cause", None) or e
-        what = f"raised {type(cause).__name__}: {cause}"
-    elif len(lines) > 1:  # its constructor raised: the traceback follows Ray's first line
-        what = f"failed to start: {lines[-1]}"
+        return f"{name} raised {type(cause).__name__}: {cause}\n" + "\n".join("    " + ln for ln in lines[1:][-tail:])
+    if getattr(e, "actor_init_failed", False):  # its constructor raised: the traceback follows Ray's first line
+        return f"{name} failed to start: {lines[-1]}\n" + "\n".join("    " + ln for ln in lines[1:][-tail:])
+    return died(text)
+
+
+def died(text: str) -> str:
+    """One line for an actor that died at work, from the fields of Ray's message."""
+    import re
+
+    def field(key):
+        m = re.search(rf"^\s*{key}: (\S+)", text, re.MULTILINE)
+        return m.group(1) if m else None
+
+    cls, pid, ip, actor = field("class_name"), field("pid"), field("ip"), field("name")
+    rank = re.search(r"rayskd-\w+-(\d+)-", actor or "")
+    who = f"{ROLES.get(cls, cls or 'an actor')}{f' {rank.group(1)}' if rank else ''}"
+    where = ", ".join(x for x in (f"pid {pid}" if pid else "", f"on {ip}" if ip else "") if x)
+    lower = text.lower()
+    if any(x in lower for x in ("running low on memory", "out of memory", "outofmemoryerror", "memory pressure")):
+        why = "was killed for using too much memory (OOM: Ray's memory monitor or the kernel's)"
+    elif re.search(r"node .* (died|was terminated|was lost)|nodedied|preempt", lower):
+        why = "was lost with its node"
+    elif "never ran" in lower:
+        why = "was cancelled before it started"
     else:
-        return " ".join(lines[:3])
-    return f"{name} {what}\n" + "\n".join("    " + line for line in lines[1:][-tail:])
+        exit_detail = re.search(r"Worker exit detail: ([^.]*\.)", text)
+        why = "died: its process ended (killed, or crashed)" + (f": {exit_detail.group(1)}" if exit_detail else "")
+    return f"{who} ({where}) {why}" if where else f"{who} {why}"
 
 
 def bundle(num_cpus: float, num_gpus: float, resources: dict | None = None) -> dict:
@@ -59,11 +95,14 @@ GROUP_IDS = itertools.count()
 class ActorGroup:
     def __init__(self, name: str, cls, n: int, num_cpus: float, num_gpus: float, args_for, *,
                  resources: dict | None = None, env_vars: dict | None = None, max_restarts: int = 0,
-                 task_retries: int = 0, ready_timeout_s: float = 600.0, log_dir: str | None = None):
+                 task_retries: int = 0, ready_timeout_s: float = 600.0, log_dir: str | None = None,
+                 ranks_per_worker: int = 1):
         """`args_for(i, pg)` returns the keyword arguments of actor i's constructor (pg: this
         group's placement group, ready). With `log_dir`, actor i's output (its own, vLLM's,
-        DeepSpeed's, its child processes') goes to LOG_DIR/NAME_i.log (see log_to_file)."""
-        self.name, self.n, self.log_dir = name, n, log_dir
+        DeepSpeed's, its child processes') goes to LOG_DIR/NAME_i.log (see log_to_file).
+        `ranks_per_worker` > 1: every consecutive `ranks_per_worker` actors are the
+        tensor-parallel ranks of one worker (`call_worker`)."""
+        self.name, self.n, self.log_dir, self.ranks_per_worker = name, n, log_dir, ranks_per_worker
         resources = {k: v for k, v in (resources or {}).items() if v > 0}  # 0: not required
         tag = f"{os.getpid()}-{next(GROUP_IDS)}"  # unique in this process: a role may have several groups
         self.pg = placement_group([bundle(num_cpus, num_gpus, resources)] * n, strategy="PACK",
@@ -110,9 +149,20 @@ class ActorGroup:
         """Call `method` on every actor; returns the object refs."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def call_each(self, method: str, args: list) -> list:
-        """Call `method(args[i])` on actor i; returns the object refs."""
-        return [getattr(a, method).remote(x) for a, x in zip(self.actors, args, strict=True)]
+    def call_each(self, method: str, args: list[tuple]) -> list:
+        """Call `method(*args[i])` on actor i; returns the object refs (Ray resolves refs among
+        the arguments before the call)."""
+        return [getattr(a, method).remote(*x) for a, x in zip(self.actors, args, strict=True)]
+
+    @property
+    def workers(self) -> int:
+        """Workers, each `ranks_per_worker` actors (tensor-parallel ranks)."""
+        return self.n // self.ranks_per_worker
+
+    def call_worker(self, i: int, method: str, *args):
+        """Call `method` on every rank of worker i (they act together); returns rank 0's ref."""
+        ranks = self.actors[i * self.ranks_per_worker:(i + 1) * self.ranks_per_worker]
+        return [getattr(a, method).remote(*args) for a in ranks][0]
 
     def kill(self) -> None:
         for a in self.actors:
@@ -137,9 +187,46 @@ def init_ray(actors: int) -> bool:
         return False
     # no idle workers started ahead: each actor gets a process of its own anyway (its runtime
     # env differs), so they would only compete with the actors' start-up (~0.6 s of a core each)
+    # token authentication is Ray 2.60's default (RAY_AUTH_MODE unset): gcs_server, the raylet and
+    # every worker's gRPC port listen on every interface whatever the node address, so the token is
+    # what keeps them closed (Ray reads RAY_AUTH_MODE when it is imported: it is not ours to set here)
     ray.init(num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False, log_to_driver=False,
              _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False})
+    protect_token()
     return True
+
+
+def protect_token() -> None:
+    """Ray writes its authentication token readable by everyone (mode 644): its owner's only."""
+    path = os.path.expanduser("~/.ray/auth_token")
+    if os.path.exists(path):
+        os.chmod(path, 0o600)
+
+
+def ray_processes() -> list[tuple[int, float]]:
+    """(pid, start time) of the Ray processes this driver started (its local cluster)."""
+    import psutil
+
+    return [(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)]
+
+
+def kill_processes(recorded: list[tuple[int, float]]) -> int:
+    """SIGKILL the recorded processes still alive (the same pid and start time, so a reused pid
+    is never hit); returns how many."""
+    import signal
+
+    import psutil
+
+    killed = 0
+    for pid, started in recorded:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - started) < 1e-3:
+                p.send_signal(signal.SIGKILL)
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return killed
 
 
 def actor_env(cfg) -> dict:
@@ -180,35 +267,8 @@ def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
                       resources=dict(cfg.learner.resources), env_vars=env_vars, log_dir=log_dir)
 
 
-class TeacherPool:
-    """The teacher workers: `n` of them, each `tp` ranks of one ActorGroup (worker i is actors
-    i*tp .. i*tp + tp - 1, placed next to each other). `score(i, shard)` sends the shard to every
-    rank of worker i and returns rank 0's result."""
-
-    def __init__(self, group: ActorGroup, tp: int):
-        self.group, self.tp, self.n = group, tp, group.n // tp
-        self.name = group.name
-
-    @property
-    def actors(self) -> list:
-        return self.group.actors
-
-    def score(self, i: int, shard):
-        refs = [a.score.remote(shard) for a in self.group.actors[i * self.tp:(i + 1) * self.tp]]
-        return refs[0]
-
-    def call(self, method: str, *args, **kwargs) -> list:
-        return self.group.call(method, *args, **kwargs)
-
-    def nodes(self) -> list[str]:
-        return self.group.nodes()
-
-    def kill(self) -> None:
-        self.group.kill()
-
-
 def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_dir: str | None = None,
-                   max_restarts: int = 0) -> TeacherPool:
+                   max_restarts: int = 0) -> ActorGroup:
     """The teacher workers of `cfg` (a rayskd Config). A worker of one rank holds no state: Ray
     restarts it (`max_restarts`) and re-runs its call. The ranks of a tensor-parallel worker
     share a process group that a restarted rank could not rejoin, so they are not restarted:
@@ -223,11 +283,10 @@ def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
         if tp > 1 and first not in masters:  # each worker's rank 0: its bundle is placed, so its node is known
             masters[first] = rendezvous_address(pg, first)
         addr, port = masters.get(first, (None, None))
-        return dict(model_path=t.path, cfg=t, tokenizer_len=tokenizer_len, rank=rank, master_addr=addr,
+        return dict(model_path=t.path, cfg=t, tokenizer_len=tokenizer_len, rank=rank, worker=i // tp, master_addr=addr,
                     master_port=port)
 
     retries = max_restarts if tp == 1 else 0
-    group = ActorGroup("teacher", TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
-                       resources=dict(t.resources), env_vars=env_vars, max_restarts=retries, task_retries=retries,
-                       log_dir=log_dir)
-    return TeacherPool(group, tp)
+    return ActorGroup("teacher", TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
+                      resources=dict(t.resources), env_vars=env_vars, max_restarts=retries, task_retries=retries,
+                      log_dir=log_dir, ranks_per_worker=tp)

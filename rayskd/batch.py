@@ -140,10 +140,18 @@ class LearnerShare:
 
 @dataclass
 class TeacherScores:
-    """The teacher's view of one rollout shard, aligned with its response tokens."""
+    """The teacher's view of one rollout shard, aligned with its response tokens. A sequence for
+    which the teacher gave a non-finite value has its values zeroed and its count of such
+    response tokens in `nonfinite_N` (the learner gives it no teacher term)."""
     logp_NR: torch.Tensor
     topk_ids_NRK: torch.Tensor | None = None
     topk_logp_NRK1: torch.Tensor | None = None
+    nonfinite_N: torch.Tensor | None = None  # None: all finite
+    worker: int = 0  # the teacher worker that scored it (for messages)
+
+    def nonfinite(self) -> torch.Tensor:
+        """[N] count of response tokens the teacher gave a non-finite value."""
+        return self.nonfinite_N if self.nonfinite_N is not None else torch.zeros(self.logp_NR.shape[0], dtype=torch.long)
 
 
 @dataclass
@@ -188,6 +196,12 @@ def split_shard(shard: RolloutShard, count: int) -> list[RolloutShard]:
             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
+def select_rows(shard: RolloutShard, idx: torch.Tensor) -> RolloutShard:
+    """Rows `idx` of a shard (whole groups or not: the group size is kept as metadata)."""
+    return RolloutShard(**{name: getattr(shard, name)[idx] for name in SHARD_TENSORS}, group_size=shard.group_size,
+                        weights_version=shard.weights_version, stats=dict(shard.stats))
+
+
 def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
     def cat(ts):
         if ts[0] is None:
@@ -195,7 +209,8 @@ def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
         return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
 
     return TeacherScores(logp_NR=cat([s.logp_NR for s in scores]), topk_ids_NRK=cat([s.topk_ids_NRK for s in scores]),
-                         topk_logp_NRK1=cat([s.topk_logp_NRK1 for s in scores]))
+                         topk_logp_NRK1=cat([s.topk_logp_NRK1 for s in scores]),
+                         nonfinite_N=torch.cat([s.nonfinite() for s in scores]))
 
 
 def micro_batches(seq_len_N: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:

@@ -33,7 +33,10 @@ def checkpoints_dir(run_dir: str) -> str:
 
 
 def staging_dir(run_dir: str, step: int) -> str:
-    """Where a checkpoint of `step` is written before it is committed."""
+    """Where a checkpoint of `step` is written before it is committed (never a new run
+    directory: one that vanished mid-run is an error, not recreated empty)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"the run directory {run_dir} is gone")
     path = os.path.join(checkpoints_dir(run_dir), f"step_{step:06d}.tmp")
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -152,3 +155,40 @@ def prune(run_dir: str, keep: int) -> None:
 def load_trainer_state(path: str) -> dict:
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)
+
+
+LOCK_FILE = ".rayskd.lock"
+
+
+class RunInUse(Exception):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """RUN_DIR is one run's, trained by one process at a time: an exclusive flock on
+    RUN_DIR/.rayskd.lock, held for the life of the process that trains there. The operating
+    system releases it when that process ends, however it ends (kill -9 included), so a stale
+    lock never blocks a resume. The file says who holds it, for the message of the one refused."""
+
+    def __init__(self, run_dir: str):
+        import fcntl
+        import socket
+        import time
+
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise RunInUse(holder) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # (closing the descriptor drops the flock)
+            self.fd = None

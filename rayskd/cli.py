@@ -36,35 +36,72 @@ def cmd_prepare_demo(args) -> int:
 FINISHED, FAILED, USAGE, STOPPED, INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def _run(cfg) -> int:
-    """Train; any stop the driver survives checkpoints the last completed step first. Exit 0
-    when the run finished, 3 when it stopped on request (SIGTERM, `rayskd stop`), 1 on an
-    error, 130 on Ctrl-C: everything but 0 can be continued with `rayskd resume`."""
+RESTART_WINDOW_S = 3600  # run.max_restarts counts the automatic restarts within this
+
+
+def writable(directory: str) -> bool:
+    """Whether files can still be created in `directory` (it may have vanished mid-run)."""
     import os
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def _run(cfg) -> int:
+    """Train; any stop the driver survives checkpoints the last completed step first, and is
+    followed by an automatic resume from the newest intact checkpoint (run.max_restarts within
+    an hour). Exit 0 when the run finished, 3 when it stopped on request (SIGTERM, `rayskd
+    stop`), 1 on an error, 130 on Ctrl-C: everything but 0 can be continued with `rayskd resume`."""
+    import os
+    import time
 
     from .actors import describe_failure
     from .trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg)  # checks every input before anything starts
     resume = f"continue from the newest checkpoint with `rayskd resume {cfg.run.output_dir}`"
+    restarts: list[float] = []
     try:
-        trainer.setup()
-        summary = trainer.fit()
-    except UsageError as e:  # found once connected to a cluster (its GPUs), before any actor started
-        print(f"rayskd: {e}", file=sys.stderr)
-        return USAGE
-    except KeyboardInterrupt:
-        print("rayskd: interrupted (Ctrl-C); checkpointing the last completed step", file=sys.stderr)
-        trainer.checkpoint_on_stop("interrupted")
-        print(f"rayskd: interrupted; {resume}", file=sys.stderr)
-        return INTERRUPTED
-    except Exception as e:  # an actor raised: which one, what, and the end of its traceback
-        what = str(e) if isinstance(e, TrainingError) else describe_failure(e)
-        trainer.checkpoint_on_stop("training stopped")
-        print(f"rayskd: training stopped: {what}", file=sys.stderr)
-        print(f"rayskd: the actors' logs are in {os.path.join(cfg.run.output_dir, 'logs')}", file=sys.stderr)
-        print(f"rayskd: {resume}", file=sys.stderr)
-        return FAILED
+        while True:
+            try:
+                trainer.setup()
+                summary = trainer.fit()
+                break
+            except UsageError as e:  # found once connected to a cluster (its GPUs), before any actor started
+                print(f"rayskd: {e}", file=sys.stderr)
+                return USAGE
+            except KeyboardInterrupt:
+                print("rayskd: interrupted (Ctrl-C); checkpointing the last completed step", file=sys.stderr)
+                trainer.checkpoint_on_stop("interrupted")
+                print(f"rayskd: interrupted; {resume}", file=sys.stderr)
+                return INTERRUPTED
+            except Exception as e:  # an actor raised or died: which one, what, and why
+                what = str(e) if isinstance(e, TrainingError) else describe_failure(e)
+                lost_dir = isinstance(e, OSError) and not writable(cfg.run.output_dir)
+                if lost_dir:  # nothing more can be written there: what is committed stays as it is
+                    what = (f"the run directory {cfg.run.output_dir} is gone or not writable any more ({what}); "
+                            f"its committed checkpoints are as they were")
+                else:
+                    trainer.checkpoint_on_stop("training stopped")
+                print(f"rayskd: training stopped: {what}", file=sys.stderr)
+                restarts = [t for t in restarts if time.time() - t < RESTART_WINDOW_S]
+                if not lost_dir and getattr(e, "restartable", True) and len(restarts) < cfg.run.max_restarts:
+                    restarts.append(time.time())
+                    print(f"rayskd: restarting from the newest checkpoint (automatic restart {len(restarts)} of "
+                          f"run.max_restarts={cfg.run.max_restarts} within an hour)", file=sys.stderr)
+                    try:
+                        trainer = trainer.restart()
+                    except Exception as again:
+                        print(f"rayskd: the restart failed: {describe_failure(again)}", file=sys.stderr)
+                    else:
+                        continue
+                print(f"rayskd: the actors' logs are in {os.path.join(cfg.run.output_dir, 'logs')}", file=sys.stderr)
+                print(f"rayskd: {resume}", file=sys.stderr)
+                return FAILED
     finally:
         trainer.shutdown()
     print(f"run directory: {cfg.run.output_dir}")
@@ -245,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE
     except ConnectionError as e:  # submit/status/logs/stop: the cluster's address does not answer
         print(f"rayskd: cannot reach the Ray cluster: {first_line(e)}", file=sys.stderr)
+        return USAGE
+    except Exception as e:
+        from ray.exceptions import AuthenticationError
+
+        if not isinstance(e, AuthenticationError):
+            raise
+        print("rayskd: the Ray cluster refused the request: authentication failed (token authentication: set "
+              "RAY_AUTH_MODE=token and the cluster's token, in ~/.ray/auth_token or RAY_AUTH_TOKEN)", file=sys.stderr)
         return USAGE
 
 

@@ -45,6 +45,13 @@ class RunConfig:
     tensorboard: bool = True  # event files in RUN_DIR/tensorboard
     wandb_project: Optional[str] = None  # also log to Weights & Biases (WANDB_MODE=offline works)
     resume: str = "never"  # never | auto
+    # a resume checks that the training data and tokenizer are what the checkpoint was trained on
+    # (exit 2 naming what changed); true: train on the changed data, its pass starting anew
+    allow_data_change: bool = False
+    # a stop the driver survives (a learner or node lost, an actor that keeps failing) is followed
+    # by an automatic resume from the newest intact checkpoint, in the same process, at most this
+    # many times within an hour (0: none); then the run stops with the command to resume it
+    max_restarts: int = 2
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,15 @@ class RolloutConfig:
     # Ray's object store), or auto: collective on GPUs, except object_store where an engine may
     # share learner rank 0's GPU (NCCL cannot join two ranks on one device), and on CPU (faster there)
     weight_transport: str = "auto"
+    # engines that share their GPUs with the learners sleep while the learners train (vLLM's sleep
+    # mode: weights and KV cache released) and wake for generation, the new weights loaded after
+    # waking. Unset: when the engines' and the learners' GPU shares are both fractions (they can
+    # share a GPU). A sleeping engine cannot generate ahead: it needs algorithm.max_staleness=0.
+    # No effect on CPU.
+    sleep_while_training: Optional[bool] = None
+    # vLLM without CUDA graphs or torch.compile: faster to start, slower to generate. Unset: on
+    # CPU (where compiling buys nothing measurable), not on GPU
+    enforce_eager: Optional[bool] = None
     weight_bucket_mb: int = 512  # the most a push moves in one message (ZeRO-3 gathers this much at a time)
     # sample exactly max_new_tokens: an end-of-sequence token is an ordinary token (the
     # sampling distribution is unchanged, so the learner's log-probs still match). For benchmarks.
@@ -136,7 +152,8 @@ class RolloutConfig:
     stop: Tuple[str, ...] = ()
     # each step's prompts go out as requests of this many prompts, spread over the engines,
     # each scored by the first free teacher as soon as it is generated (0: as few requests as
-    # the engines and learner ranks allow; see requests_per_step)
+    # the engines and learner ranks allow; see requests_per_step). A call's samples are seeded by
+    # its prompts: fix this to keep a resume on another learner rank count sampling the same
     prompts_per_request: int = 0
 
 
@@ -226,6 +243,13 @@ def engine_memory_fraction(rollout: RolloutConfig) -> float:
     if rollout.gpu_memory_utilization is not None:
         return rollout.gpu_memory_utilization
     return 0.9 * min(rollout.gpus_per_worker, 1.0) if rollout.gpus_per_worker > 0 else 0.9
+
+
+def engines_sleep(cfg: Config) -> bool:
+    """Whether the engines sleep while the learners train (rollout.sleep_while_training, resolved)."""
+    if cfg.rollout.sleep_while_training is not None:
+        return cfg.rollout.sleep_while_training
+    return 0 < cfg.rollout.gpus_per_worker < 1 and 0 < cfg.learner.gpus_per_worker < 1
 
 
 def gpus_asked(cfg: Config) -> float:
@@ -354,6 +378,7 @@ def validate(cfg: Config) -> None:
     _check(run.steps >= 1, "run.steps", f"must be >= 1, got {run.steps}")
     _check(run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
     _check(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    _check(run.max_restarts >= 0, "run.max_restarts", "must be >= 0 (0: no automatic restart)")
     _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     _check(run.eval_samples >= 0, "run.eval_samples", "must be >= 0 (0: greedy accuracy only)")
     for k in run.eval_k if run.eval_samples else ():
@@ -434,15 +459,20 @@ def validate(cfg: Config) -> None:
     _check(algo.pg_coef > 0 or algo.kd.coef > 0 or algo.rehearsal.coef > 0, "algorithm.pg_coef",
            "with pg_coef, kd.coef and rehearsal.coef all 0 there is nothing to train")
     _check(algo.tis_cap == 0 or algo.tis_cap >= 1, "algorithm.tis_cap", "must be 0 (off) or >= 1")
-    if algo.advantage == "grpo":
-        _check(rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt",
-               "GRPO compares responses within a group: needs >= 2")
+    # the GRPO term compares the responses of a group; nothing else needs groups
+    _check(rollout.samples_per_prompt >= 2 or algo.pg_coef == 0, "rollout.samples_per_prompt",
+           f"the GRPO term (algorithm.pg_coef={algo.pg_coef:g}) compares responses within a group: needs >= 2 "
+           f"(distillation alone, pg_coef=0, takes 1)")
     sequences = algo.prompts_per_step * rollout.samples_per_prompt
     _check(sequences % learner.world_size == 0, "algorithm.prompts_per_step",
            f"prompts_per_step x samples_per_prompt = {sequences} sequences must split evenly over "
            f"learner.world_size={learner.world_size} ranks")
 
     _check(algo.max_staleness >= 0, "algorithm.max_staleness", "must be >= 0 (0: strictly on-policy)")
+    _check(algo.max_staleness == 0 or not engines_sleep(cfg), "algorithm.max_staleness",
+           f"{algo.max_staleness} generates the next steps while the learners train, but the engines sleep then "
+           f"(rollout.sleep_while_training, on by default when engines and learners take fractions of GPUs): "
+           f"set max_staleness=0, or give the engines GPUs of their own")
     _check(rollout.prompts_per_request >= 0, "rollout.prompts_per_request", "must be >= 0 (0: automatic)")
     if rollout.prompts_per_request:
         requests, left = divmod(algo.prompts_per_step, rollout.prompts_per_request)

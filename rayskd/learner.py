@@ -45,13 +45,10 @@ def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, 
             for r in range(ranks)]
 
 
-def fetch(items: list) -> list:
-    """The values of `items`: object refs are fetched (together), anything else is kept."""
-    import ray
-
-    refs = [x for x in items if isinstance(x, ray.ObjectRef)]
-    got = iter(ray.get(refs)) if refs else iter(())
-    return [next(got) if isinstance(x, ray.ObjectRef) else x for x in items]
+def train_step_args(share: LearnerShare) -> tuple:
+    """A share as `Learner.train_step`'s arguments through Ray: the shards' and scores' object refs
+    as arguments of their own, which Ray fetches before the call (the learner imports no Ray)."""
+    return (share, *share.shards, *share.scores)
 
 
 @dataclass
@@ -71,6 +68,9 @@ class StepMetrics:
     tis_weight_sum: float = 0.0
     rehearsal_loss: float = 0.0
     nonfinite: int = 0
+    teacher_nonfinite_tokens: int = 0  # response tokens the teacher gave a non-finite value
+    teacher_nonfinite_sequences: int = 0  # (not trained on by the teacher term)
+    nonfinite_teachers: tuple = field(default=(), metadata={"reduce": lambda v: tuple(sorted(set().union(*v)))})
     mismatch_max: float = field(default=0.0, metadata={"reduce": max})
     grad_norm: float = field(default=float("nan"), metadata={"reduce": lambda v: v[0]})  # global: same on all ranks
     skipped: bool = field(default=False, metadata={"reduce": any})
@@ -92,6 +92,9 @@ class StepMetrics:
             "skipped_update": self.skipped, "nonfinite_losses": self.nonfinite,
             "tis_weight_mean": self.tis_weight_sum / tokens if algo.tis_cap > 0 else None,
             "rehearsal_loss": self.rehearsal_loss if algo.rehearsal.coef > 0 else None,
+            "teacher_nonfinite_tokens": self.teacher_nonfinite_tokens,
+            "teacher_nonfinite_sequences": self.teacher_nonfinite_sequences,
+            "nonfinite_teachers": list(self.nonfinite_teachers),
         }
 
 
@@ -134,15 +137,17 @@ class MicroBatch:
         return {"topk_ids_NRK": self.topk_ids_NRK, "teacher_topk_logp_NRK1": self.teacher_topk_logp_NRK1}
 
 
-def share_micro_batches(share: LearnerShare, algo: AlgorithmConfig, cfg: LearnerConfig, device) -> list[MicroBatch]:
-    """A rank's share of an update (fetched here from the object store) as micro-batches of
-    `micro_batch_size` rows, or length-grouped by `max_tokens_per_micro_batch`, with the
-    share's advantages (whole groups: each request holds whole groups)."""
-    batch = concat_shards(fetch(share.shards))
-    teacher = concat_scores(fetch(share.scores), batch.response_ids_NR.shape[1])
+def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: AlgorithmConfig, cfg: LearnerConfig,
+                        device) -> list[MicroBatch]:
+    """A rank's share of an update (its rollout shards and their teacher scores) as
+    micro-batches of `micro_batch_size` rows, or length-grouped by `max_tokens_per_micro_batch`,
+    with the share's advantages (whole groups: each request holds whole groups)."""
+    batch = concat_shards(shards)
+    teacher = concat_scores(scores, batch.response_ids_NR.shape[1])
     mask_NR = batch.response_mask_NR()
     adv_N = group_advantages(batch.rewards_N, batch.group_size, algo.advantage)
-    kd_mask_N = torch.tensor(share.kd_mask, dtype=torch.float32)
+    # a sequence the teacher gave a non-finite value (zeroed by the teacher) gets no teacher term
+    kd_mask_N = torch.tensor(share.kd_mask, dtype=torch.float32) * (teacher.nonfinite() == 0)
     distribution = TEACHER_ESTIMATORS[algo.kd.estimator].distribution
     out = []
     for idx in micro_batches(batch.prompt_len_N + batch.response_len_N, cfg.micro_batch_size,
@@ -234,17 +239,24 @@ class Learner:
 
     # ---- one update ----
 
-    def train_step(self, share: LearnerShare) -> StepMetrics:
+    def train_step(self, share: LearnerShare, *fetched) -> StepMetrics:
         """One update: this rank's share in micro-batches (plus its part of the rehearsal chunk),
         each one's loss backward, then one optimizer step. The losses are normalised by the
-        whole batch's denominators; DeepSpeed averages the gradients over ranks."""
-        batches = share_micro_batches(share, self.algo, self.cfg, self.device)
+        whole batch's denominators; DeepSpeed averages the gradients over ranks. `fetched`: the
+        share's shards then its scores, as Ray fetched them (`train_step_args`); without them
+        the share holds the objects themselves."""
+        n = len(share.shards)
+        shards, scores = (fetched[:n], fetched[n:]) if fetched else (share.shards, share.scores)
+        batches = share_micro_batches(list(shards), list(scores), share, self.algo, self.cfg, self.device)
+        health = StepMetrics(teacher_nonfinite_tokens=sum(int(s.nonfinite().sum()) for s in scores),
+                             teacher_nonfinite_sequences=sum(int((s.nonfinite() > 0).sum()) for s in scores),
+                             nonfinite_teachers=tuple(sorted({s.worker for s in scores if s.nonfinite_N is not None})))
         rehearsal = self._rehearsal_batches(share.rehearsal_start) if self.rehearsal is not None else []
         passes = self._agreed_count(len(batches) + len(rehearsal))
         parts = [self._accumulate(mb, share) for mb in batches] + [self._rehearse(*rb) for rb in rehearsal]
         for _ in range(passes - len(parts)):
             self._zero_pass()
-        metrics = StepMetrics.merge(parts)
+        metrics = StepMetrics.merge([health, *parts])
         metrics.grad_norm, metrics.skipped = self._optimizer_step(metrics.nonfinite)
         return metrics
 

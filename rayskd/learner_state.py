@@ -68,17 +68,22 @@ def _partitioned(engine) -> bool:
     return engine.zero_optimization_stage() > 0
 
 
-def full_tensors(engine, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{master, exp_avg, exp_avg_sq} of one parameter as whole fp32 tensors (collective under ZeRO)."""
+def full_tensors(engine, param: torch.Tensor, stepped: bool) -> dict[str, torch.Tensor]:
+    """{master, exp_avg, exp_avg_sq} of one parameter as whole fp32 tensors (collective under
+    ZeRO). `stepped`: the optimizer has made a step (`step_count` > 0)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    # before the first update that succeeded the optimizer has no moments (DeepSpeed's getters
+    # fail on them): they are zeros, what the first step starts from, so a run can be checkpointed
+    # in every state it can stop in
     if _partitioned(engine):
         out = {"master": safe_get_full_fp32_param(param)}
-        out.update({k: safe_get_full_optimizer_state(param, k) for k in MOMENTS})
+        out.update({k: safe_get_full_optimizer_state(param, k) if stepped else None for k in MOMENTS})
     else:
         master = _stage0_master(engine, param)
         state = torch_optimizer(engine).state[master]
-        out = {"master": master.detach(), **{k: state[k] for k in MOMENTS}}
+        out = {"master": master.detach(), **{k: state[k] if stepped else None for k in MOMENTS}}
+    out = {k: torch.zeros_like(out["master"]) if v is None else v for k, v in out.items()}
     return {k: v.detach().float().cpu().reshape(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
             for k, v in out.items()}
 
@@ -162,8 +167,9 @@ def _named_parameters(model) -> list[tuple[str, torch.Tensor]]:
 def iter_full_tensors(engine, model):
     """(name, {master, exp_avg, exp_avg_sq}) for every trained parameter, whole, on every rank
     (collective under ZeRO: every rank iterates to the end, in the same order)."""
+    stepped = step_count(engine) > 0
     for name, param in _named_parameters(model):
-        yield name, full_tensors(engine, param)
+        yield name, full_tensors(engine, param, stepped)
 
 
 def save(engine, model, directory: str, rank: int, world_size: int, extra: dict) -> None:

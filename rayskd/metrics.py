@@ -48,6 +48,9 @@ class StepRecord:
     nonfinite_losses: int | None = None
     tis_weight_mean: float | None = None  # algorithm.tis_cap > 0
     rehearsal_loss: float | None = None  # algorithm.rehearsal.coef > 0
+    teacher_nonfinite_tokens: int | None = None  # tokens a teacher gave a non-finite value (their
+    teacher_nonfinite_sequences: int | None = None  # sequences got no teacher term)
+    nonfinite_teachers: list | None = None  # the teacher workers that gave them
     # the driver
     kd_coef: float | None = None
     staleness_max: int | None = None

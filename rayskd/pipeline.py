@@ -24,7 +24,7 @@ from typing import Callable
 
 import ray
 
-from .actors import TeacherPool, TrainingError
+from .actors import ActorGroup, TrainingError
 from .batch import (
     PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors, shard_to_tensors, split_prompts,
     split_shard, summarize,
@@ -64,7 +64,7 @@ class ReadyBatch:
 
 
 class RolloutPipeline:
-    def __init__(self, pool: RolloutPool, teachers: TeacherPool, prompts_for: Callable[[int], PromptBatch],
+    def __init__(self, pool: RolloutPool, teachers: ActorGroup, prompts_for: Callable[[int], PromptBatch],
                  requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None]):
         """`prompts_for(step)` draws the prompts of `step` (called once per step, in order)."""
         self.pool, self.teachers, self.prompts_for = pool, teachers, prompts_for
@@ -109,11 +109,11 @@ class RolloutPipeline:
         if self.scoring:
             done = set(ray.wait([ref for _, ref in self.scoring], num_returns=len(self.scoring), timeout=0)[0])
             self.scoring = [(t, ref) for t, ref in self.scoring if ref not in done]
-        load = [0] * self.teachers.n
+        load = [0] * self.teachers.workers
         for t, _ in self.scoring:
             load[t] += 1
         r.teacher = load.index(min(load))
-        r.score = self.teachers.score(r.teacher, r.shard)
+        r.score = self.teachers.call_worker(r.teacher, "score", r.shard)
         self.scoring.append((r.teacher, r.score))
 
     # ---- waiting while dispatching ----

@@ -3,6 +3,7 @@ solves reliably, and store those responses with per-token reference log-probs
 (`rayskd presample`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,16 +14,29 @@ from .config import Config
 from .rehearsal import meta_path, rehearsal_meta
 
 
+def reference_teacher(cfg: Config):
+    """The reference scorer's settings: the initial student, scored exactly as the learner will
+    compute log pi_theta at step 0 (its dtype, the sampling temperature), on a learner's device."""
+    meta = rehearsal_meta(cfg)
+    return dataclasses.replace(cfg.teacher, path=cfg.student.path, num_workers=1, tensor_parallel_size=1, top_k=0,
+                               dtype=meta["dtype"], temperature=meta["temperature"],
+                               gpus_per_worker=cfg.learner.gpus_per_worker, resources=dict(cfg.learner.resources))
+
+
 def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None, log=print) -> dict:
-    """Sample `presample_samples` responses per training prompt from the initial student
-    (rollout sampling settings), keep the correct responses of prompts solved at least
-    `presample_min_correct` times, and write them with reference log-probs computed by the
-    learner's forward pass at the sampling temperature and in the learner's dtype (so
-    u = pi_theta / pi_ref = 1 at the start), recorded beside the data (`meta_path`).
-    Optionally writes the other prompts (the exploration set) as training JSONL."""
-    from .modeling import SCORING_CHUNK, load_causal_lm, response_logprobs, vocab_limit
+    """Sample `presample_samples` responses per training prompt from the initial student on the
+    rollout engines (rollout settings and workers), keep the correct responses of prompts solved
+    at least `presample_min_correct` times, and write them with reference log-probs computed by
+    a scorer of the initial student on a learner's device, in the learner's dtype and at the
+    sampling temperature (so u = pi_theta / pi_ref = 1 at the start), recorded beside the data
+    (`meta_path`). Optionally writes the other prompts (the exploration set) as training JSONL."""
+    import ray
+
+    from .actors import actor_env, init_ray, start_teachers
+    from .batch import concat_shards, select_rows
+    from .losses import solved
     from .preflight import check_inputs
-    from .rollout import RolloutEngine
+    from .rollout_pool import RolloutPool, start_rollout
 
     reh, out_path = cfg.algorithm.rehearsal, cfg.algorithm.rehearsal.data_path
     if not out_path:
@@ -33,30 +47,36 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
     data = inputs.train
     n = len(data) if not max_prompts else min(max_prompts, len(data))
     prompts = prompt_batch(data, list(range(n)))
-    engine = RolloutEngine(cfg.student.path, cfg.rollout, cfg.reward, cfg.run.seed, inputs.max_model_len,
-                           (os.getcwd(),))
-    try:
-        shard = engine.generate(prompts, step=0, n=reh.presample_samples)
-    finally:
-        engine.shutdown()
     G = reh.presample_samples
-    solved = (shard.rewards_N.reshape(-1, G) > 0).sum(1)
-    keep_prompt = solved >= reh.presample_min_correct
-    keep = [i for i in range(shard.num_sequences) if keep_prompt[i // G] and shard.rewards_N[i] > 0]
+    started = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size + 1)
+    pool = scorer = None
+    try:
+        env = actor_env(cfg)
+        pool = RolloutPool(start_rollout(cfg, cfg.student.path, inputs.max_model_len, env), log)
+        parts = pool.split(prompts)
+        shard = concat_shards(ray.get(pool.run("generate", parts, 0, False, G, what="presampling")))
+        pool.shutdown()
+        pool = None
+        right = solved(shard.rewards_N)
+        keep_prompt = right.reshape(-1, G).sum(1) >= reh.presample_min_correct
+        keep = [i for i in range(shard.num_sequences) if keep_prompt[i // G] and right[i]]
+        rows = []
+        if keep:
+            kept = select_rows(shard, torch.tensor(keep))
+            scorer = start_teachers(dataclasses.replace(cfg, teacher=reference_teacher(cfg)), inputs.tokenizer_len, env)
+            logp = ray.get(scorer.call_worker(0, "score", kept)).logp_NR
+            for j, i in enumerate(keep):
+                p, r = int(kept.prompt_len_N[j]), int(kept.response_len_N[j])
+                rows.append({"uid": int(kept.uids_N[j]), "prompt_ids": kept.prompt_ids_NP[j, :p].tolist(),
+                             "response_ids": kept.response_ids_NR[j, :r].tolist(), "ref_logp": logp[j, :r].tolist()})
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if scorer is not None:
+            scorer.kill()
+        if started:
+            ray.shutdown()
     meta = rehearsal_meta(cfg)
-    model = load_causal_lm(cfg.student.path, getattr(torch, meta["dtype"])).eval()
-    rows = []
-    with torch.no_grad():
-        for s in range(0, len(keep), 64):
-            idx = torch.tensor(keep[s:s + 64])
-            fields = (shard.prompt_ids_NP[idx], shard.prompt_len_N[idx], shard.response_ids_NR[idx],
-                      shard.response_len_N[idx])
-            logp = response_logprobs(model, fields, cfg.rollout.temperature, SCORING_CHUNK, vocab_limit(inputs.tokenizer_len, model),
-                                     "cpu")
-            for j, i in enumerate(idx.tolist()):
-                p, r = int(shard.prompt_len_N[i]), int(shard.response_len_N[i])
-                rows.append({"uid": int(shard.uids_N[i]), "prompt_ids": shard.prompt_ids_NP[i, :p].tolist(),
-                             "response_ids": shard.response_ids_NR[i, :r].tolist(), "ref_logp": logp[j, :r].tolist()})
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path + ".tmp", "w") as f:
         for row in rows:

@@ -91,22 +91,24 @@ def eos_ids(model_path: str, tokenizer_eos: int) -> list[int]:
     return ids
 
 
-def request_seed(run_seed: int, step: int, uid: int, n: int) -> int:
-    """The vLLM seed of prompt `uid`'s request at `step`. vLLM seeds sample i of a request
-    with seed + i, so each prompt owns the block [base + uid * n, base + (uid + 1) * n): no two
-    prompts of a step share a noise stream (`base + uid` made neighbouring prompts share
-    n - 1 of them). The base is a hash of (run seed, step), below 2**56, so the blocks of
-    different steps do not line up either, and everything stays below 2**63."""
-    digest = hashlib.blake2b(f"rayskd:{run_seed}:{step}".encode(), digest_size=7).digest()
-    return int.from_bytes(digest, "big") + uid * n
+def call_seed(run_seed: int, step: int, uids: list[int]) -> int:
+    """The seed of one generate call: a hash of (run seed, step, the call's prompt uids), below
+    2**63. The engine seeds its workers' generator with it before the call and gives no request
+    a seed of its own: vLLM samples a batch of unseeded requests in one draw, while a seed per
+    request makes it draw one request at a time (a Python loop of small kernels: slow on GPU at
+    hundreds of sequences). A call's samples depend on its prompts, the weights and this seed
+    only: not on the engine, or what it generated before (so a retried request draws the same)."""
+    digest = hashlib.blake2b(f"rayskd:{run_seed}:{step}:{','.join(map(str, uids))}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1
 
 
 class RolloutEngine:
     def __init__(self, model_path: str, cfg: RolloutConfig, reward: RewardConfig, seed: int, max_model_len: int,
-                 extra_path: tuple[str, ...] = ()):
+                 extra_path: tuple[str, ...] = (), sleeps: bool = False):
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
         self.cfg, self.seed, self.version = cfg, seed, 0
         gpu = _has_gpu()
+        self.sleeps = sleeps and gpu  # vLLM's sleep mode is CUDA's: on CPU sleeping is nothing
         if not gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
             # On CPU the engine core and its worker run in this process: no two extra processes
@@ -136,10 +138,11 @@ class RolloutEngine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.llm = LLM(
             model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
-            dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu,
+            dtype="bfloat16" if gpu else "float32",
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not gpu,
             gpu_memory_utilization=engine_memory_fraction(cfg) if gpu else 0.2,
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
-            enable_prefix_caching=False, tensor_parallel_size=cfg.tensor_parallel_size,
+            enable_prefix_caching=False, tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=self.sleeps,
             # tensor-parallel ranks are vLLM's own worker processes, on the devices Ray gave this actor
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None if gpu else "uni",
         )
@@ -155,23 +158,26 @@ class RolloutEngine:
         self.rewards.wait_ready()
         self._warm_up()
 
+    def ready(self) -> bool:
+        return True
+
     def _warm_up(self) -> None:
         """One tiny seeded request: the engine's first call pays one-off set-up (2.5 s on CPU),
         which belongs to start-up, where it overlaps the other actors starting, not to step 1."""
         from vllm import SamplingParams
 
         self.llm.generate([{"prompt_token_ids": [self.eos_id]}],
-                          SamplingParams(n=2, max_tokens=2, logprobs=0, seed=0, temperature=1.0), use_tqdm=False)
+                          SamplingParams(n=2, max_tokens=2, logprobs=0, temperature=1.0), use_tqdm=False)
 
-    def _params(self, n: int, greedy: bool, request_seed: int | None):
+    def _params(self, n: int, greedy: bool):
         from vllm import SamplingParams
 
         if greedy:
             return SamplingParams(n=n, temperature=0.0, max_tokens=self.cfg.max_new_tokens, logprobs=0,
                                   logit_bias=self.padding_bias, **self._stops())
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                              max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=request_seed,
-                              logit_bias=self.padding_bias, ignore_eos=self.cfg.ignore_eos, **self._stops())
+                              max_tokens=self.cfg.max_new_tokens, logprobs=0, logit_bias=self.padding_bias,
+                              ignore_eos=self.cfg.ignore_eos, **self._stops())
 
     def _stops(self) -> dict:
         """Where generation ends besides the tokenizer's EOS: every end id of the generation
@@ -185,11 +191,14 @@ class RolloutEngine:
                 "detokenize": bool(self.cfg.stop)}
 
     def generate(self, prompts: PromptBatch, step: int, greedy: bool = False, n: int | None = None) -> RolloutShard:
-        """n responses for every prompt (groups contiguous). Sampling is seeded per prompt by
-        (run seed, step, prompt uid), so results do not depend on which worker gets a prompt."""
+        """n responses for every prompt (groups contiguous). Sampling is seeded per call by (run
+        seed, step, the prompts' uids: `call_seed`), so the samples of a request do not depend on
+        which worker draws it, or what it drew before."""
         n = n or (1 if greedy else self.cfg.samples_per_prompt)
-        params = [self._params(n, greedy, request_seed(self.seed, step, uid, n)) for uid in prompts.uids]
+        params = self._params(n, greedy)
         with engine_alive():
+            if not greedy:
+                self.llm.collective_rpc("rayskd_seed", args=(call_seed(self.seed, step, prompts.uids),))
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params,
                                         use_tqdm=False)
         prompt_rows, resp_rows, logp_rows, truncated, uids, items = [], [], [], [], [], []
@@ -220,7 +229,7 @@ class RolloutEngine:
 
     def evaluate(self, prompts: PromptBatch, samples: int = 0) -> EvalRows:
         """A greedy response to every prompt and, if `samples`, that many sampled ones (the
-        rollout settings; seeded by prompt, the same at every evaluation, so that evaluations
+        rollout settings; seeded by the prompts, the same at every evaluation, so that evaluations
         differ by the weights only): rewards and lengths, per prompt (evaluation.py)."""
         greedy = self.generate(prompts, step=0, greedy=True)
         rows = EvalRows(greedy.rewards_N.tolist(), greedy.response_len_N.tolist(),
@@ -233,13 +242,14 @@ class RolloutEngine:
         return rows
 
     def child_pids(self) -> list[tuple[str, int, float]]:
-        """(node ip, pid, start time) of the processes this engine started (vLLM's engine
+        """(host name, pid, start time) of the processes this engine started (vLLM's engine
         core): the driver's last resort if this actor dies without shutting them down."""
-        import psutil
-        import ray
+        import socket
 
-        ip = ray.util.get_node_ip_address()
-        return [(ip, c.pid, c.create_time()) for c in psutil.Process().children(recursive=True)]
+        import psutil
+
+        host = socket.gethostname()
+        return [(host, c.pid, c.create_time()) for c in psutil.Process().children(recursive=True)]
 
     # ---- the weight push (weight_sync.py): a load that fails half-way exits the process ----
 
@@ -249,6 +259,13 @@ class RolloutEngine:
 
     def load_weights(self, flats: list, layout: WeightLayout, version: int) -> int:
         """Load a push through the object store (the buckets: Ray resolved the reference)."""
+        from vllm import envs
+
+        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            # vLLM msgpacks a call's arguments to its engine core's process, where an untyped numpy
+            # array arrives as a list of its parts (found by test_reliability's engine core in a
+            # process of its own, as on a GPU); bytes arrive whole, one copy
+            flats = [memoryview(f).cast("B") for f in flats]
         with exit_on_failure(f"loading weights version {version}"):
             self.llm.collective_rpc("rayskd_load_buckets", args=(flats, *layout.plain()))
         self.version = version
@@ -264,6 +281,17 @@ class RolloutEngine:
             self.llm.collective_rpc("rayskd_receive", args=layout.plain())
         self.version = version
         return version
+
+    def sleep(self) -> None:
+        """Release the GPU memory of the weights and the KV cache while a learner trains beside
+        this engine (a no-op unless it sleeps: rollout.sleep_while_training, on GPU)."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Take the memory back, before the new weights are pushed and generation resumes."""
+        if self.sleeps:
+            self.llm.wake_up()
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """The engine's log-prob (temperature 1) of each token of a fixed sequence given its

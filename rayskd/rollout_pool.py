@@ -10,6 +10,7 @@ longer restart, stops the run at once with a message.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Callable
@@ -18,6 +19,7 @@ import ray
 
 from .actors import ActorGroup, TrainingError
 from .batch import PromptBatch, split_prompts
+from .config import engines_sleep
 from .weight_sync import CollectiveSync, ObjectStoreSync
 
 WeightSync = ObjectStoreSync | CollectiveSync
@@ -29,13 +31,15 @@ REVIVE_TIMEOUT_S = 600
 
 
 def kill_leftovers(processes: list[tuple[str, int, float]]) -> None:
-    """SIGKILL engine processes that outlived their actor: only on this node, and only the
+    """SIGKILL engine processes that outlived their actor: only on this host, and only the
     very process recorded (same pid and start time, so a reused pid is never hit)."""
+    import socket
+
     import psutil
 
-    here = ray.util.get_node_ip_address() if ray.is_initialized() else None
-    for ip, pid, started in processes:
-        if ip != here:
+    here = socket.gethostname()
+    for host, pid, started in processes:
+        if host != here:
             continue
         try:
             p = psutil.Process(pid)
@@ -66,16 +70,15 @@ def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_
     return ActorGroup(
         "rollout", RolloutEngine, cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.rollout.gpus_per_worker,
         lambda i, pg: dict(model_path=model_path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
-                           max_model_len=max_model_len, extra_path=extra_path),
+                           max_model_len=max_model_len, extra_path=extra_path, sleeps=engines_sleep(cfg)),
         resources=dict(cfg.rollout.resources), env_vars=env_vars, max_restarts=-1, task_retries=0, log_dir=log_dir)
 
 
 class RolloutPool:
-    def __init__(self, group: ActorGroup, event: Callable[[str], None], weights: WeightSync | None):
-        """`weights` moves the learner's weights into the engines, and into a restarted one
-        before it takes work again (None: the engines serve the model they started with, as
-        in `rayskd eval`)."""
-        self.group, self.event, self.weights = group, event, weights
+    def __init__(self, group: ActorGroup, event: Callable[[str], None]):
+        """The engines serve the model they started with until `use_weights` gives the pool a
+        transport for the learner's (`rayskd eval` never does)."""
+        self.group, self.event, self.weights = group, event, None
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
         self.failures: list[list[float]] = [[] for _ in range(group.n)]  # times each worker failed
         # the learner is in an update (Trainer.step): its weights are newer than the engines'.
@@ -84,8 +87,16 @@ class RolloutPool:
         self.learner_busy = False
         self.behind: set[int] = set()  # restarted engines waiting for the next push
         self.regroup = False  # an engine restarted: the collective transport forms its group again
-        if weights is not None:
-            weights.setup(self.actors)
+
+    def use_weights(self, weights: WeightSync) -> None:
+        """From now on `weights` moves the learner's weights into the engines, and into a
+        restarted one before it takes work again."""
+        weights.setup(self.actors)
+        self.weights = weights
+
+    def weights_dtype(self) -> str:
+        """The dtype the engines hold their weights in (a push sends them in it)."""
+        return ray.get(self.actors[0].weights_dtype.remote())
 
     @property
     def n(self) -> int:
@@ -160,6 +171,19 @@ class RolloutPool:
                 raise
         for i in failed:
             self.revive(i)
+
+    @contextlib.contextmanager
+    def asleep(self, sleeps: bool):
+        """Around a learner update: engines that share the learners' GPUs release their memory
+        (vLLM's sleep mode) and take it back after (`sleeps`: rollout.sleep_while_training)."""
+        if not sleeps:
+            yield
+            return
+        ray.get(self.group.call("sleep"))
+        try:
+            yield
+        finally:
+            ray.get(self.group.call("wake_up"))
 
     def generate(self, i: int, prompts: PromptBatch, step: int) -> tuple:
         """Start engine i generating `prompts` for `step`: refs to (its shard, its summary)."""

@@ -26,6 +26,16 @@ SHAPES = {
         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
         rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", attention_bias=False, mlp_bias=False),
+    # the same kinds of model at a size CPU tests and `gpu_check.py --tiny` can run: tied, GQA,
+    # head dim 64 (vLLM's CPU attention needs it), and a 512-row LM head over a small tokenizer
+    "tiny-student": dict(
+        model_type="qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=2048, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False, max_window_layers=2),
+    "tiny-teacher": dict(
+        model_type="qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=2048, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False, max_window_layers=2),
 }
 
 
@@ -50,7 +60,8 @@ def build(shape: str, out_dir: str, tokenizer_dir: str, *, layers: int | None = 
     config = AutoConfig.for_model(model_type, **spec, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1.5B model initialises in seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     tmp = out_dir + ".tmp"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

@@ -22,6 +22,23 @@ def teacher_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16 if native_bf16 else torch.float32
 
 
+def finite_scores(logp_NR: torch.Tensor, top_ids, top_lps, mask_NR: torch.Tensor, worker: int) -> TeacherScores:
+    """The scores of a shard, with every sequence that has a non-finite value on a response token
+    (a teacher with inf or NaN weights, an overflow) counted in `nonfinite_N` and zeroed: it is
+    not trained on (learner.share_micro_batches), and one bad sequence never spoils a batch."""
+    bad = ~torch.isfinite(logp_NR) & (mask_NR > 0)
+    if top_lps is not None:
+        bad |= ~torch.isfinite(top_lps).all(-1) & (mask_NR > 0)
+    nonfinite_N = bad.sum(-1)
+    rows = nonfinite_N > 0
+    logp_NR = torch.where(rows[:, None], 0.0, logp_NR) * mask_NR
+    if top_lps is not None and bool(rows.any()):
+        top_lps = top_lps.clone()
+        top_lps[rows] = 0.0
+    return TeacherScores(logp_NR=logp_NR, topk_ids_NRK=top_ids, topk_logp_NRK1=top_lps,
+                         nonfinite_N=nonfinite_N if bool(rows.any()) else None, worker=worker)
+
+
 class TeacherScorer:
     """One rank of a teacher worker. With teacher.tensor_parallel_size = t > 1, t ranks (one
     per device) hold one teacher sharded by transformers' tensor-parallel plan over a process
@@ -29,10 +46,10 @@ class TeacherScorer:
     result is the worker's. The LM head is kept whole on every rank (the chunked log-softmax
     reads it outside the model's forward)."""
 
-    def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int, *, rank: int = 0,
+    def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int, *, rank: int = 0, worker: int = 0,
                  master_addr: str | None = None, master_port: int | None = None):
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
-        self.cfg, self.rank = cfg, rank
+        self.cfg, self.rank, self.worker = cfg, rank, worker
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = teacher_dtype(cfg.dtype, self.device)
         tp = cfg.tensor_parallel_size
@@ -82,4 +99,4 @@ class TeacherScorer:
             logp[idx, :r] = lp.float().cpu()
         if self.rank != 0:
             return None
-        return TeacherScores(logp_NR=logp * shard.response_mask_NR(), topk_ids_NRK=top_ids, topk_logp_NRK1=top_lps)
+        return finite_scores(logp, top_ids, top_lps, shard.response_mask_NR(), self.worker)

@@ -16,11 +16,11 @@ import psutil
 import ray
 
 from . import checkpoint, learner_state
-from .actors import TrainingError, actor_env, init_ray, start_learners, start_teachers
+from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
 from .batch import PromptBatch, batch_stats, prompt_batch
-from .config import Config, requests_per_step, to_yaml
+from .config import Config, engines_sleep, requests_per_step, to_yaml
 from .evaluation import evaluate_on
-from .learner import StepMetrics, learner_shares
+from .learner import StepMetrics, learner_shares, train_step_args
 from .losses import coef_at
 from .metrics import MetricsLog, StepRecord
 from .pipeline import ReadyBatch, RolloutPipeline
@@ -30,6 +30,7 @@ from .tracking import open_sinks
 from .weight_sync import CollectiveSync, ObjectStoreSync, choose_transport
 
 STOP_AFTER_NONFINITE = 3
+RAY_PROCESSES = ".ray-processes.json"  # a local cluster's processes, for the next run to clean up after a kill -9
 PROCESS_START = psutil.Process().create_time()
 
 
@@ -84,28 +85,72 @@ class StopState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, inputs: Inputs | None = None):
+    def __init__(self, cfg: Config, inputs: Inputs | None = None, lock: checkpoint.RunLock | None = None):
+        """`inputs` and `lock`: those of a previous Trainer of this run, in this process (an
+        automatic restart: the inputs were checked, and the run directory stays this process's)."""
         self.cfg = cfg = resolve_models(cfg)  # model ids -> local snapshots (exit 2 when not found)
         self.inputs = inputs or check_inputs(cfg)  # before anything expensive: UsageError, exit 2
         if not os.environ.get("RAY_ADDRESS"):  # a cluster of this machine: its GPUs
             check_gpu_layout(cfg, local_gpus(), "this machine")
-        run_dir = cfg.run.output_dir
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and cfg.run.resume == "never":
-            raise UsageError(f"run.output_dir: {run_dir} already holds a run; choose another output_dir "
-                             f"or continue it with `rayskd resume {run_dir}`")
-        self.resume_from, self.damaged = None, []
-        if cfg.run.resume == "auto":
-            self.resume_from, self.damaged = checkpoint.newest_intact(run_dir)
-            check_resume(self.resume_from)
-        from .data.dataset import PromptSampler
+        from .data.dataset import PromptSampler, data_fingerprint
 
+        self.data = data_fingerprint(self.inputs.train, cfg.student.path)
+        self.lock = self._claim(cfg.run.output_dir, lock)  # UsageError, exit 2: a directory in use, a bad resume
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
         self.step_num, self.weights_version, self.rehearsal_pos = 0, 0, 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row = self.bad_teacher_in_a_row = 0
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = None
         self.stops = StopState()
+        self.sleeps = engines_sleep(cfg)  # engines sleep while the learners train beside them
         self._started_ray = False
+
+    def _claim(self, run_dir: str, lock: checkpoint.RunLock | None) -> checkpoint.RunLock:
+        """The run directory, for this process alone (until it ends), and what a resume will
+        continue from (checked here, before anything starts: its format, and that the data and
+        tokenizer are those it was trained on)."""
+        try:
+            lock = lock or checkpoint.RunLock(run_dir)
+        except checkpoint.RunInUse as holder:
+            raise UsageError(f"run.output_dir: {run_dir} is in use by another rayskd run ({holder}); wait for it "
+                             f"to end or stop it, or choose another output_dir") from None
+        try:
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and self.cfg.run.resume == "never":
+                raise UsageError(f"run.output_dir: {run_dir} already holds a run; choose another output_dir "
+                                 f"or continue it with `rayskd resume {run_dir}`")
+            self.resume_from, self.damaged = None, []
+            self.data_changed = None
+            if self.cfg.run.resume == "auto":
+                self.resume_from, self.damaged = checkpoint.newest_intact(run_dir)
+                check_resume(self.resume_from)
+                self._check_data()
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def _check_data(self) -> None:
+        """A resume trains on the data its checkpoint was trained on, unless
+        run.allow_data_change says the change is meant (the sampler then starts a new pass)."""
+        from .data.dataset import data_changes
+
+        if self.resume_from is None:
+            return
+        saved = checkpoint.load_trainer_state(self.resume_from[1]).get("data")
+        change = data_changes(saved, self.data) if saved else None
+        if change and not self.cfg.run.allow_data_change:
+            raise UsageError(f"data.train_path: {change} since checkpoint {self.resume_from[1]}; resume with "
+                             f"run.allow_data_change=true to train on the data as it is now (its pass starts anew)")
+        self.data_changed = change
+
+    def restart(self) -> "Trainer":
+        """The run again after a stop this process survived (its actors gone, Ray and the run
+        directory kept): a Trainer that resumes from the newest intact checkpoint."""
+        self.shutdown(keep=True)
+        run = dataclasses.replace(self.cfg.run, resume="auto")
+        following = Trainer(dataclasses.replace(self.cfg, run=run), self.inputs, self.lock)
+        following._started_ray, self._started_ray, self.lock = self._started_ray, False, None
+        return following
 
     # ---- set-up ----
 
@@ -132,26 +177,32 @@ class Trainer:
                        f"{cfg.learner.world_size} learner actors")
         logs = os.path.join(run_dir, "logs")  # each actor's output: logs/rollout_0.log, ...
         rollout = start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
+        if 0 < cfg.rollout.gpus_per_worker < 1:  # sharing a GPU: vLLM measures the memory it may take
+            ray.get(rollout.call("ready"))  # at start, so it starts before the others allocate theirs
         self.teacher = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
-        self.rollout = RolloutPool(rollout, self.log.event, self._weight_sync(rollout))
+        self.rollout = RolloutPool(rollout, self.log.event)
+        self.rollout.use_weights(self._weight_sync())
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
+        if self._started_ray:  # the actors' processes too (and what they started: vLLM's engine core)
+            with open(os.path.join(run_dir, RAY_PROCESSES), "w") as f:
+                json.dump(ray_processes(), f)
         self.pipeline = RolloutPipeline(self.rollout, self.teacher, self._next_prompts, requests_per_step(cfg),
                                         cfg.algorithm.max_staleness, cfg.run.steps, self.log.event)
         if cfg.run.resume == "auto":
             self.restore()
 
-    def _weight_sync(self, engines):
+    def _weight_sync(self):
         """The transport of the weight push (rollout.weight_transport), over the layout the
         learner plans in the engines' dtype."""
         r = self.cfg.rollout
-        dtype = ray.get(engines.actors[0].weights_dtype.remote())
-        layout = ray.get(self.learner.actors[0].weight_layout.remote(dtype, r.weight_bucket_mb << 20))
+        layout = ray.get(self.learner.actors[0].weight_layout.remote(self.rollout.weights_dtype(),
+                                                                      r.weight_bucket_mb << 20))
         if choose_transport(self.cfg) == "collective":
-            return CollectiveSync(self.learner, layout, [r.tensor_parallel_size] * engines.n, r.sync_timeout_s)
+            return CollectiveSync(self.learner, layout, [r.tensor_parallel_size] * self.rollout.n, r.sync_timeout_s)
         return ObjectStoreSync(self.learner, layout)
 
     def _write_config(self) -> None:
@@ -167,9 +218,22 @@ class Trainer:
         signal.signal(signal.SIGTERM, on_sigterm)
 
     def _init_ray(self) -> None:
+        """Join the cluster, or start a local one. A local one's processes are recorded in the
+        run directory: a driver killed with SIGKILL cannot stop its Ray, so the next run in this
+        directory (which holds its lock, so that driver is gone) stops what is left of it."""
         cfg = self.cfg
+        leftovers = os.path.join(cfg.run.output_dir, RAY_PROCESSES)
+        if os.path.exists(leftovers) and not ray.is_initialized():  # (an automatic restart keeps its own)
+            with open(leftovers) as f:
+                killed = kill_processes(json.load(f))
+            os.remove(leftovers)
+            if killed:
+                self.log.event(f"stopped {killed} Ray processes a previous run in this directory left behind")
         self._started_ray = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
                                      + cfg.teacher.num_workers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
+        if self._started_ray:
+            with open(leftovers, "w") as f:
+                json.dump(ray_processes(), f)
 
     # ---- one update ----
 
@@ -187,7 +251,7 @@ class Trainer:
             self.pipeline.wait([r.score for r in batch.requests])
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
-        with timer("train_s"), self.stops.update():
+        with timer("train_s"), self.rollout.asleep(self.sleeps), self.stops.update():
             metrics = self._train(batch, coef)
             self.step_num += 1
             self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
@@ -211,7 +275,7 @@ class Trainer:
         shares = learner_shares(batch.summaries, [r.shard for r in batch.requests], [r.score for r in batch.requests],
                                 self.learner.n, self.cfg.algorithm, self.cfg.rollout.max_new_tokens, coef,
                                 self.rehearsal_pos)
-        updates = self.learner.call_each("train_step", shares)
+        updates = self.learner.call_each("train_step", [train_step_args(share) for share in shares])
         self.rollout.learner_busy = True  # (an engine restarted meanwhile waits for this step's push)
         try:
             self.pipeline.wait(updates)
@@ -233,13 +297,27 @@ class Trainer:
         return time.perf_counter() - t0
 
     def _check_finite(self, record: StepRecord) -> None:
+        """Non-finite updates are skipped, non-finite teacher scores are not trained on: both
+        counted and logged, and a stop (with a checkpoint, and the reason) when either persists."""
+        if record.teacher_nonfinite_tokens:
+            self.bad_teacher_in_a_row += 1
+            self.log.event(f"step {record.step}: teacher worker(s) {record.nonfinite_teachers} gave non-finite "
+                           f"log-probs on {record.teacher_nonfinite_tokens} tokens of "
+                           f"{record.teacher_nonfinite_sequences} sequences, which got no teacher term "
+                           f"({self.bad_teacher_in_a_row} step(s) in a row)")
+            if self.bad_teacher_in_a_row >= STOP_AFTER_NONFINITE:
+                raise TrainingError(f"the teacher ({self.cfg.teacher.path}, worker(s) {record.nonfinite_teachers}) "
+                                    f"gave non-finite log-probs in {STOP_AFTER_NONFINITE} steps in a row; stopping "
+                                    f"(check its weights for inf or NaN, and teacher.dtype)", restartable=False)
+        else:
+            self.bad_teacher_in_a_row = 0
         if record.skipped_update:
             self.nonfinite_in_a_row += 1
             self.log.event(f"step {record.step}: non-finite loss or gradient, update skipped "
                            f"({self.nonfinite_in_a_row} in a row)")
             if self.nonfinite_in_a_row >= STOP_AFTER_NONFINITE:
                 raise TrainingError(f"{STOP_AFTER_NONFINITE} updates in a row had a non-finite loss or gradient; "
-                                    f"stopping (lower learner.lr or check the reward and teacher)")
+                                    f"stopping (lower learner.lr or check the reward and teacher)", restartable=False)
         else:
             self.nonfinite_in_a_row = 0
 
@@ -248,11 +326,16 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step_num, "weights_version": self.weights_version, "rehearsal_pos": self.rehearsal_pos,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sampler": self.sampler.state_dict(),
-                "learner_world_size": self.cfg.learner.world_size, "zero_stage": self.cfg.learner.zero_stage}
+                "learner_world_size": self.cfg.learner.world_size, "zero_stage": self.cfg.learner.zero_stage,
+                "data": self.data}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num, self.weights_version = state["step"], state["weights_version"]
         self.rehearsal_pos, self.nonfinite_in_a_row = state["rehearsal_pos"], state["nonfinite_in_a_row"]
+        if self.data_changed:  # (run.allow_data_change): the sampler's place in the old data means nothing now
+            self.log.event(f"{self.data_changed} since the checkpoint: training on it as it is now, from the start "
+                           f"of a new pass (run.allow_data_change)")
+            return
         self.sampler.load_state_dict(state["sampler"])
 
     def save_checkpoint(self, wait: bool = True) -> str:
@@ -364,7 +447,9 @@ class Trainer:
 
     # ---- tear-down: every path ----
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool = False) -> None:
+        """Every actor, engine process and sink of the run gone; Ray (if this process started it)
+        and the run directory's lock too, unless `keep` (an automatic restart reuses both)."""
         if getattr(self, "log", None) is not None:
             self.log.close()
         if self.pipeline is not None:
@@ -375,6 +460,15 @@ class Trainer:
             if group is not None:
                 group.kill()
         self.rollout = self.teacher = self.learner = self.pipeline = None
+        if keep:
+            return
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+            try:
+                os.remove(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))
+            except OSError:
+                pass
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None

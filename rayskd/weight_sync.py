@@ -111,11 +111,14 @@ def to_numpy(flat: torch.Tensor):
 
 
 def from_numpy(array, dtype: torch.dtype) -> torch.Tensor:
-    """`to_numpy`'s inverse (a read-only array from the object store: torch may warn, it is only read)."""
+    """`to_numpy`'s inverse (a read-only array from the object store: torch may warn, it is only
+    read). Also takes the array's bytes: see `RolloutEngine.load_weights`."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array/buffer is not writable"
+        if isinstance(array, (bytes, bytearray, memoryview)):
+            return torch.frombuffer(array, dtype=dtype)
         t = torch.from_numpy(array)
     return t.view(dtype) if t.dtype != dtype else t
 
@@ -164,7 +167,12 @@ class WeightGroup:
 
 class WorkerExtension:
     """Mixed into vLLM's worker class; its methods are called with `llm.collective_rpc`, once
-    per worker (each tensor-parallel rank loads the whole tensors and keeps its shard)."""
+    per worker (each tensor-parallel rank loads the whole tensors and keeps its shard). Besides
+    the weight push: seeding a generate call's sampling (`rollout.call_seed`)."""
+
+    def rayskd_seed(self, seed: int) -> None:
+        """Seed the generator vLLM samples unseeded requests with (rollout.call_seed)."""
+        torch.manual_seed(seed)
 
     def rayskd_join_weight_group(self, addr: str, port: int, first_rank: int, world_size: int,
                                  timeout_s: float) -> int:
@@ -186,7 +194,7 @@ class WorkerExtension:
         return self._rayskd_reload(layout, buckets())
 
     def rayskd_load_buckets(self, flats: list, dtype: str, buckets) -> int:
-        """One push through the object store: the buckets themselves (`to_numpy` arrays)."""
+        """One push through the object store: the buckets themselves (`to_numpy` arrays, or their bytes)."""
         layout = WeightLayout.from_plain(dtype, buckets)
         return self._rayskd_reload(layout, (from_numpy(f, layout.torch_dtype).to(self.device) for f in flats))
 

@@ -63,11 +63,19 @@ def test_submit_demo_to_a_local_head_and_wait_for_success(demo_assets, ray_head,
     assert os.path.exists(os.path.join(run_dir, "checkpoints", "step_000002", "COMPLETE"))
 
 
-def test_submit_rejects_a_bad_config_before_submitting(ray_head):
+def test_submit_rejects_a_bad_config_before_submitting(ray_head, tmp_path):
     address, env = ray_head
     r = subprocess.run([sys.executable, "-m", "rayskd", "submit", "--address", address, "configs/demo.yaml",
                         "learner.lr=abc"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "learner.lr" in r.stderr
+    # issue 26.6: without the cluster's token (another home, none in the environment), one line, exit 2
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    no_token["HOME"] = str(tmp_path)
+    for command in (["status", "raysubmit_x"], ["submit", "configs/demo.yaml", "run.steps=1"]):
+        r = subprocess.run([sys.executable, "-m", "rayskd", *command, "--address", address], env=no_token,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "authentication failed" in r.stderr, (command, r.stderr[-3000:])
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
 
 
 @pytest.fixture

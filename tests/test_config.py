@@ -65,6 +65,10 @@ def test_bad_values_name_the_key(override, key):
 
 def test_valid_combinations():
     load_config(DEMO, ["algorithm.kd.divergence=js", "algorithm.kd.estimator=topk", "teacher.top_k=8"])
+    # issue 26.7: one sample per prompt where no term needs a group (distillation alone)
+    load_config(DEMO, ["rollout.samples_per_prompt=1", "algorithm.pg_coef=0"])
+    with pytest.raises(ConfigError, match="pg_coef=0, takes 1"):
+        load_config(DEMO, ["rollout.samples_per_prompt=1"])
     load_config(DEMO, ["algorithm.kd.estimator=k1_reward", "algorithm.advantage=dr_grpo",
                        "algorithm.aggregation=seq_mean_token_sum_norm", "rollout.gpus_per_worker=0.25"])
 

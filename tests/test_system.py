@@ -84,7 +84,8 @@ def half_credit(prompt, completion, answer):
 def test_user_data_reward_function_and_two_workers_per_role(demo_assets, tmp_path, no_leftover_engines):
     """Own JSONL keys, a "module:function" reward that sometimes raises, and
     rollout.num_workers=2, teacher.num_workers=2 with the same code; the teacher term is
-    k1_reward with pg_coef=0 (distillation only, which once trained nothing)."""
+    k1_reward with pg_coef=0 (distillation only, which once trained nothing), on one sample per
+    prompt (issue 26.7: no term needs a group, so it is accepted)."""
     assets, _ = demo_assets
     rows = [json.loads(line) for line in open(os.path.join(assets, "train.jsonl"))][:64]
     with open(tmp_path / "mine.jsonl", "w") as f:
@@ -96,7 +97,8 @@ def test_user_data_reward_function_and_two_workers_per_role(demo_assets, tmp_pat
                f"data.train_path={tmp_path / 'mine.jsonl'}", "data.eval_path=null", "data.prompt_key=question",
                "data.answer_key=solution", "reward.function=my_rewards:half_credit", "rollout.num_workers=2",
                "teacher.num_workers=2", "learner.world_size=1", "learner.micro_batch_size=64",
-               "algorithm.kd.estimator=k1_reward", "algorithm.pg_coef=0", *demo_paths(assets)[:2], *FAST, cwd=tmp_path)
+               "algorithm.kd.estimator=k1_reward", "algorithm.pg_coef=0", "rollout.samples_per_prompt=1",
+               *demo_paths(assets)[:2], *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = metrics(run)
     assert len(rows) == 2
@@ -105,7 +107,7 @@ def test_user_data_reward_function_and_two_workers_per_role(demo_assets, tmp_pat
         assert 0.0 <= m["reward_mean"] <= 1.0
         # a response starting with 9 scores 0 and is counted; every other one scores >= 0.5
         assert m["reward_errors"] >= 0
-        assert m["reward_mean"] >= 0.5 * (1 - m["reward_errors"] / 128) - 1e-6
+        assert m["reward_mean"] >= 0.5 * (1 - m["reward_errors"] / 32) - 1e-6  # 32 prompts x 1 sample
 
 
 def test_bad_inputs_exit_2_before_anything_starts(demo_assets, tmp_path):

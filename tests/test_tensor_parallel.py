@@ -72,7 +72,7 @@ def test_two_rank_engine_and_teacher_match_one_rank(demo_assets, padded_teacher)
                 ray.get(engine.load_weights.remote(flats, layout, 1))
                 after = ray.get(engine.generate.remote(prompts, 4))
                 engine_ranks = len(ray.get(engine.child_pids.remote()))
-                scores = ray.get(teachers.score(0, shard_ref))
+                scores = ray.get(teachers.call_worker(0, "score", shard_ref))
                 got[tp] = before, after, scores, engine_ranks, len(teachers.actors)
                 ray.get(engine.shutdown.remote())
             finally:

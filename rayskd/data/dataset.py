@@ -176,3 +176,36 @@ class PromptSampler:
         if state["size"] != self.size:
             raise DataError(f"the dataset changed size since the checkpoint ({state['size']} -> {self.size} prompts)")
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+def data_fingerprint(dataset: PromptDataset, tokenizer_dir: str) -> dict:
+    """What a run trains on, to know it again at a resume: the rows as the model sees them
+    (prompt token ids and answer), in order and as a set, their count, and the tokenizer files."""
+    import hashlib
+    import json
+    import os
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    rows = [sha(json.dumps([ids, row["answer"]])) for ids, row in zip(dataset.prompt_ids, dataset.rows)]
+    tokenizer = hashlib.sha256()
+    for name in sorted(os.listdir(tokenizer_dir)):
+        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            with open(os.path.join(tokenizer_dir, name), "rb") as f:
+                tokenizer.update(name.encode() + f.read())
+    return {"rows": len(rows), "ordered": sha("".join(rows)), "content": sha("".join(sorted(rows))),
+            "tokenizer": tokenizer.hexdigest()}
+
+
+def data_changes(saved: dict, now: dict) -> str | None:
+    """What differs between two `data_fingerprint`s, in words (None: nothing)."""
+    if saved["tokenizer"] != now["tokenizer"]:
+        return "the student's tokenizer changed"
+    if saved["rows"] != now["rows"]:
+        return f"the training data had {saved['rows']} usable rows, it has {now['rows']} now"
+    if saved["content"] != now["content"]:
+        return "the training data holds other rows (as many as before)"
+    if saved["ordered"] != now["ordered"]:
+        return "the training data holds the same rows in another order"
+    return None
