@@ -136,6 +136,7 @@ class LearnerShare:
     kd_mask: list  # 0/1 per sequence of the share's shards, in order (`losses.kd_sequence_mask`)
     shards: list  # ray ObjectRefs of RolloutShard, contiguous groups
     scores: list  # ray ObjectRefs of TeacherScores, one per shard
+    taid_t: float = 1.0  # TAID's interpolation for this step (algorithm.kd.divergence=taid)
 
 
 @dataclass

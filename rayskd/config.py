@@ -175,6 +175,16 @@ class LearnerConfig:
 
 
 @dataclass(frozen=True)
+class TaidConfig:
+    """TAID's schedule of t (divergence taid; docs/algorithms.md, "TAID"): from t_start towards
+    t_end, at least linearly over run.steps, faster while the term falls fast (the paper's defaults)."""
+    t_start: float = 0.4
+    t_end: float = 1.0
+    alpha: float = 5e-4  # step size of the adaptive growth
+    beta: float = 0.99  # momentum of the term's relative decrease
+
+
+@dataclass(frozen=True)
 class KDConfig:
     """The teacher term (docs/algorithms.md, "The teacher term")."""
     divergence: str = "reverse_kl"  # a name of losses.DIVERGENCES (the distribution estimators)
@@ -192,6 +202,7 @@ class KDConfig:
     # a sampled-token estimator's importance weight is sg(min(pi_theta / mu, is_cap)): truncated,
     # as TIS truncates the GRPO term's (one rare token with mu << pi_theta would dominate the step)
     is_cap: float = 2.0
+    taid: TaidConfig = field(default_factory=TaidConfig)
 
 
 @dataclass(frozen=True)
@@ -496,6 +507,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= kd.beta <= 1, "algorithm.kd.beta", "must be in [0, 1]")
     _check(0 <= kd.skew < 1, "algorithm.kd.skew", "must be in [0, 1)")
     _check(kd.is_cap >= 1, "algorithm.kd.is_cap", f"must be >= 1 (the truncation of pi_theta / mu), got {kd.is_cap}")
+    _check(0 <= kd.taid.t_start <= kd.taid.t_end <= 1, "algorithm.kd.taid.t_start",
+           f"TAID needs 0 <= t_start <= t_end <= 1, got t_start={kd.taid.t_start}, t_end={kd.taid.t_end}")
+    _check(kd.taid.alpha >= 0, "algorithm.kd.taid.alpha", f"must be >= 0, got {kd.taid.alpha}")
+    _check(0 <= kd.taid.beta < 1, "algorithm.kd.taid.beta", f"must be in [0, 1), got {kd.taid.beta}")
     if TEACHER_ESTIMATORS[kd.estimator].distribution:
         _check(teacher.top_k >= 1, "teacher.top_k",
                f"algorithm.kd.estimator={kd.estimator} needs the teacher's distribution: teacher.top_k >= 1")

@@ -25,7 +25,8 @@ from .weight_sync import WeightGroup, WeightLayout, pack, plan_layout, to_numpy
 
 
 def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, ranks: int, algo: AlgorithmConfig,
-                   max_new_tokens: int, kd_coef: float, rehearsal_start: int) -> list[LearnerShare]:
+                   max_new_tokens: int, kd_coef: float, rehearsal_start: int,
+                   taid_t: float = 1.0) -> list[LearnerShare]:
     """Each learner rank's contiguous share of a step's requests (`summaries[i]` describes
     `shards[i]`, scored as `scores[i]`): whole requests per rank, with the KD mask of its
     sequences and the normalisers of the whole batch, both decided here once."""
@@ -41,7 +42,8 @@ def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, 
     return [LearnerShare(kd_coef=kd_coef, rehearsal_start=rehearsal_start, pg_denominator=pg_total,
                          kd_denominator=kd_total,
                          kd_mask=kd_mask_N[starts[r * per_rank]:starts[(r + 1) * per_rank]].tolist(),
-                         shards=shards[r * per_rank:(r + 1) * per_rank], scores=scores[r * per_rank:(r + 1) * per_rank])
+                         shards=shards[r * per_rank:(r + 1) * per_rank], scores=scores[r * per_rank:(r + 1) * per_rank],
+                         taid_t=taid_t)
             for r in range(ranks)]
 
 
@@ -130,11 +132,13 @@ class MicroBatch:
     kd_mask_N: torch.Tensor
     topk_ids_NRK: torch.Tensor | None = None
     teacher_topk_logp_NRK1: torch.Tensor | None = None
+    taid_t: float = 1.0
 
     def forward_kwargs(self) -> dict:
         if self.topk_ids_NRK is None:
             return {}
-        return {"topk_ids_NRK": self.topk_ids_NRK, "teacher_topk_logp_NRK1": self.teacher_topk_logp_NRK1}
+        return {"topk_ids_NRK": self.topk_ids_NRK, "teacher_topk_logp_NRK1": self.teacher_topk_logp_NRK1,
+                "taid_t": self.taid_t}
 
 
 def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: AlgorithmConfig, cfg: LearnerConfig,
@@ -163,7 +167,7 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
             sampler_logp_NR=cut(batch.sampler_logp_NR), teacher_logp_NR=cut(teacher.logp_NR),
             kd_mask_N=kd_mask_N[idx].to(device),
             topk_ids_NRK=cut(teacher.topk_ids_NRK) if distribution else None,
-            teacher_topk_logp_NRK1=cut(teacher.topk_logp_NRK1) if distribution else None))
+            teacher_topk_logp_NRK1=cut(teacher.topk_logp_NRK1) if distribution else None, taid_t=share.taid_t))
     return out
 
 

@@ -53,6 +53,7 @@ class StepRecord:
     nonfinite_teachers: list | None = None  # the teacher workers that gave them
     # the driver
     kd_coef: float | None = None
+    taid_t: float | None = None  # TAID's interpolation this step trained at (divergence taid)
     staleness_max: int | None = None
     staleness_mean: float | None = None
     weights_version: int | None = None  # the engines' weights after this step's sync

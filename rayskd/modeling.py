@@ -65,8 +65,9 @@ class PolicyModel(torch.nn.Module):
             deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
 
     def forward(self, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, with_entropy: bool = False,
-                topk_ids_NRK=None, teacher_topk_logp_NRK1=None):
-        """(logp [N, R], entropy [N, R] or None, top-k divergence [N, R] or None)."""
+                topk_ids_NRK=None, teacher_topk_logp_NRK1=None, taid_t: float = 1.0):
+        """(logp [N, R], entropy [N, R] or None, top-k divergence [N, R] or None). `taid_t`:
+        TAID's interpolation this step (divergence taid)."""
         from .losses import hidden_topk_divergence
 
         h = response_hidden(self.lm, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, self.device)
@@ -78,5 +79,5 @@ class PolicyModel(torch.nn.Module):
         if topk_ids_NRK is not None:
             kd = hidden_topk_divergence(h, w, topk_ids_NRK.to(self.device), teacher_topk_logp_NRK1.to(self.device),
                                         self.divergence, self.beta, self.skew, self.temperature, self.chunk,
-                                        self.vocab_size)
+                                        self.vocab_size, t=taid_t)
         return logp, entropy, kd

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from .batch import PromptBatch, batch_stats, prompt_batch
 from .config import Config, engines_sleep, requests_per_step, to_yaml
 from .evaluation import evaluate_on
 from .learner import StepMetrics, learner_shares, train_step_args
-from .losses import coef_at
+from .losses import TaidState, coef_at
 from .metrics import MetricsLog, StepRecord
 from .pipeline import ReadyBatch, RolloutPipeline
 from .preflight import Inputs, UsageError, check_gpu_layout, check_inputs, local_gpus, resolve_models
@@ -99,6 +100,9 @@ class Trainer:
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
         self.step_num, self.weights_version, self.rehearsal_pos = 0, 0, 0
         self.nonfinite_in_a_row = self.bad_teacher_in_a_row = 0
+        taid = cfg.algorithm.kd.taid
+        # TAID's t and its momentum: training state, in every checkpoint (None: another divergence)
+        self.taid = TaidState(t=taid.t_start) if cfg.algorithm.kd.divergence == "taid" else None
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = None
         self.stops = StopState()
@@ -251,13 +255,15 @@ class Trainer:
             self.pipeline.wait([r.score for r in batch.requests])
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
+        taid_t = self.taid.t if self.taid is not None else None
         with timer("train_s"), self.rollout.asleep(self.sleeps), self.stops.update():
-            metrics = self._train(batch, coef)
+            metrics = self._train(batch, coef, 1.0 if taid_t is None else taid_t)
             self.step_num += 1
+            self._advance_taid(metrics)
             self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
         staleness = batch.staleness(self.weights_version)
         record = StepRecord(step=self.step_num, **batch_stats(batch.summaries), **metrics.record(cfg.algorithm),
-                            kd_coef=coef, staleness_max=max(staleness), staleness_mean=sum(staleness) / len(staleness),
+                            kd_coef=coef, taid_t=taid_t, staleness_max=max(staleness), staleness_mean=sum(staleness) / len(staleness),
                             skipped_long_prompts=self.inputs.train.skipped_too_long, startup_s=startup_s)
         self.stops.unlogged = record  # the update is done: its record goes out on any stop
         with timer("sync_s"):
@@ -270,11 +276,11 @@ class Trainer:
         self._check_finite(record)
         return record
 
-    def _train(self, batch: ReadyBatch, coef: float) -> StepMetrics:
+    def _train(self, batch: ReadyBatch, coef: float, taid_t: float) -> StepMetrics:
         """One update: each learner rank trains its share of the step's requests."""
         shares = learner_shares(batch.summaries, [r.shard for r in batch.requests], [r.score for r in batch.requests],
                                 self.learner.n, self.cfg.algorithm, self.cfg.rollout.max_new_tokens, coef,
-                                self.rehearsal_pos)
+                                self.rehearsal_pos, taid_t)
         updates = self.learner.call_each("train_step", [train_step_args(share) for share in shares])
         self.rollout.learner_busy = True  # (an engine restarted meanwhile waits for this step's push)
         try:
@@ -282,6 +288,15 @@ class Trainer:
         finally:
             self.rollout.learner_busy = False
         return StepMetrics.merge(ray.get(updates))
+
+    def _advance_taid(self, metrics: StepMetrics) -> None:
+        """TAID's t after this step, by the paper's adaptive rule from the teacher term's value
+        (`losses.TaidState.update`); a skipped update leaves the state as it was."""
+        if self.taid is None or metrics.skipped or not math.isfinite(metrics.kd_loss):
+            return
+        taid = self.cfg.algorithm.kd.taid
+        self.taid = self.taid.update(metrics.kd_loss, self.step_num, self.cfg.run.steps, taid.t_start, taid.t_end,
+                                     taid.alpha, taid.beta)
 
     def _next_prompts(self, step: int) -> PromptBatch:
         """The prompts of `step` (the pipeline asks for each step once, in order)."""
@@ -327,11 +342,13 @@ class Trainer:
         return {"step": self.step_num, "weights_version": self.weights_version, "rehearsal_pos": self.rehearsal_pos,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sampler": self.sampler.state_dict(),
                 "learner_world_size": self.cfg.learner.world_size, "zero_stage": self.cfg.learner.zero_stage,
-                "data": self.data}
+                "data": self.data, "taid": dataclasses.asdict(self.taid) if self.taid is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num, self.weights_version = state["step"], state["weights_version"]
         self.rehearsal_pos, self.nonfinite_in_a_row = state["rehearsal_pos"], state["nonfinite_in_a_row"]
+        if self.taid is not None and state.get("taid") is not None:  # (a run that switched to taid starts at t_start)
+            self.taid = TaidState(**state["taid"])
         if self.data_changed:  # (run.allow_data_change): the sampler's place in the old data means nothing now
             self.log.event(f"{self.data_changed} since the checkpoint: training on it as it is now, from the start "
                            f"of a new pass (run.allow_data_change)")

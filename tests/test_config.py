@@ -43,6 +43,10 @@ def test_overrides_and_read_only():
     ("algorithm.kd.divergence=kl", "algorithm.kd.divergence"),
     ("algorithm.kd.divergence=js", "algorithm.kd.estimator"),
     ("algorithm.kd.estimator=topk", "teacher.top_k"),
+    ("algorithm.kd.divergence=taid", "algorithm.kd.estimator"),  # TAID needs the teacher's distribution
+    ("algorithm.kd.taid.t_start=1.2", "algorithm.kd.taid.t_start"),
+    ("algorithm.kd.taid.beta=1", "algorithm.kd.taid.beta"),
+    ("algorithm.kd.taid.tstart=0.5", "algorithm.kd.taid.tstart"),
     ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
     ("learner.micro_batch_size=0", "learner.micro_batch_size"),
     ("learner.world_size=3", "algorithm.prompts_per_step"),
@@ -65,6 +69,8 @@ def test_bad_values_name_the_key(override, key):
 
 def test_valid_combinations():
     load_config(DEMO, ["algorithm.kd.divergence=js", "algorithm.kd.estimator=topk", "teacher.top_k=8"])
+    load_config(DEMO, ["algorithm.kd.divergence=taid", "algorithm.kd.estimator=topk", "teacher.top_k=8",
+                       "algorithm.kd.taid.t_start=0.2", "algorithm.kd.taid.alpha=1e-3"])
     # issue 26.7: one sample per prompt where no term needs a group (distillation alone)
     load_config(DEMO, ["rollout.samples_per_prompt=1", "algorithm.pg_coef=0"])
     with pytest.raises(ConfigError, match="pg_coef=0, takes 1"):

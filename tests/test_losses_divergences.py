@@ -13,7 +13,7 @@ torch.set_default_dtype(torch.float64)
 V = 11
 
 
-def naive(p, q, kind, beta=0.5, skew=0.1):
+def naive(p, q, kind, beta=0.5, skew=0.1, t=1.0):
     """Explicit-loop float64 reference. p = teacher probs, q = student probs (1-D)."""
     def kl(a, b):
         return sum(a[i] * (torch.log(a[i]) - torch.log(b[i])) for i in range(len(a)) if a[i] > 0)
@@ -30,6 +30,9 @@ def naive(p, q, kind, beta=0.5, skew=0.1):
         return kl(p, skew * p + (1 - skew) * q)
     if kind == "skew_reverse_kl":
         return kl(q, skew * q + (1 - skew) * p)
+    if kind == "taid":  # KL(p_t || q), p_t proportional to sg(q)^(1 - t) p^t (no gradient through p_t)
+        w = q.detach() ** (1 - t) * p ** t
+        return kl(w / w.sum(), q)
     raise AssertionError(kind)
 
 
@@ -41,7 +44,8 @@ def logits(seed, n=4):
 
 
 CASES = [("forward_kl", {}), ("reverse_kl", {}), ("js", {}), ("generalized_jsd", {"beta": 0.3}),
-         ("generalized_jsd", {"beta": 0.9}), ("skew_forward_kl", {"skew": 0.1}), ("skew_reverse_kl", {"skew": 0.2})]
+         ("generalized_jsd", {"beta": 0.9}), ("skew_forward_kl", {"skew": 0.1}), ("skew_reverse_kl", {"skew": 0.2}),
+         ("taid", {"t": 0.6}), ("taid", {"t": 1.0})]
 
 
 @pytest.mark.parametrize("kind,kw", CASES)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # everything the algorithm computes; timings are excluded
 DETERMINISTIC = ("reward_mean", "reward_std", "kd_divergence", "kd_loss", "policy_loss", "entropy",
                  "response_len_mean", "grad_norm", "sampler_mismatch_max", "weights_version_sampled", "eval_accuracy", "staleness_max",
-                 "prompt_uids")
+                 "prompt_uids", "taid_t")
 
 
 def small_dataset(assets, path, n=64):
@@ -83,6 +83,10 @@ def close(a, b, rel=1e-4) -> bool:
 
 # ZeRO-2 with generation running ahead (the checkpoint holds samples already drawn for the
 # next step, split into as many requests as the layout had), and ZeRO-3 strictly on-policy
+# with TAID (issue 28.3): its t is training state, moved by the term's value each step
+TAID = ["teacher.top_k=8", "algorithm.kd.estimator=topk", "algorithm.kd.divergence=taid"]
+
+
 @pytest.mark.parametrize("stage,staleness", [(2, 1), (3, 0)])
 def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_assets, tmp_path, no_leftover_engines,
                                                                        stage, staleness):
@@ -100,10 +104,17 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
             "learner.world_size=2",
             f"learner.zero_stage={stage}", "algorithm.prompts_per_step=24", "learner.micro_batch_size=32",
             "run.eval_every=0", "run.eval_max_prompts=48", f"algorithm.max_staleness={staleness}"]
+    taid = stage == 3
+    args += TAID if taid else []
 
     full = tmp_path / "full"
     r = rayskd("train", config, *args, f"run.output_dir={full}")
     assert r.returncode == 0, r.stderr[-3000:]
+    ts = [m.get("taid_t") for m in metrics(full)]
+    if taid:  # from t_start (the first update only records the term), then at least the linear floor
+        assert ts[:2] == [0.4, 0.4] and all(a < b for a, b in zip(ts[1:], ts[2:])) and 0.85 - 1e-12 <= ts[-1] < 1, ts
+    else:
+        assert ts == [None] * 4
 
     if stage == 3:  # issue 26.5: a learner lost mid-run heals itself, exactly
         learner_lost_after_checkpoint_heals_itself(args, tmp_path / "healed", metrics(full))
@@ -155,8 +166,10 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
     assert all(f.endswith((".safetensors", ".json")) for f in os.listdir(ck / "learner"))
     state = json.load(open(ck / "learner" / "state.json"))
     assert (state["world_size"], state["zero_stage"], state["step"]) == (2, stage, 4)
-    sampler = json.load(open(ck / "trainer.json"))["sampler"]
+    trainer_state = json.load(open(ck / "trainer.json"))
+    sampler = trainer_state["sampler"]
     assert (sampler["epoch"], sampler["position"]) == (1, 48)  # two full passes; the next call starts pass 3
+    assert (trainer_state["taid"] is not None) == taid
 
     if stage == 2:  # a finished run: `train` into it is refused, `resume` extends it
         r = rayskd("train", config, *args, f"run.output_dir={full}")

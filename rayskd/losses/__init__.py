@@ -6,9 +6,11 @@ divergences.py divergences between two next-token distributions (full, or top-k 
 teacher.py     the teacher term's estimators, by config name (TEACHER_ESTIMATORS)
 objective.py   the terms of the objective, their importance weights and normalisers
 logprobs.py    chunked log-probs (and top-k) from logits or hidden states
+taid.py        TAID's interpolated target and its adaptive schedule of t
+sparse.py      sampled sparse teacher targets (not yet a teacher payload)
 """
 from .divergences import (
-    DISTRIBUTION_DIVERGENCES, DIVERGENCES, distribution_divergence, hidden_topk_divergence, topk_support,
+    DISTRIBUTION_DIVERGENCES, DIVERGENCES, DivergenceParams, distribution_divergence, hidden_topk_divergence, topk_support,
 )
 from .estimators import F_DIVERGENCES, GENERATORS, f_divergence, kl_estimator
 from .logprobs import hidden_logprobs, hidden_topk_logprobs, token_logprobs
@@ -20,14 +22,17 @@ from .policy import (
     ADVANTAGES, AGGREGATIONS, aggregate, aggregate_denominator, clipped_surrogate, group_advantages, policy_loss,
     truncated_is_weights,
 )
+from .taid import TaidState, taid, taid_target
 from .teacher import KD_ESTIMATORS, TEACHER_ESTIMATORS, TeacherEstimator, TeacherSignal
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "DISTRIBUTION_DIVERGENCES", "DIVERGENCES", "F_DIVERGENCES", "GENERATORS",
-    "KD_ESTIMATORS", "KD_MASKS", "KD_NORMS", "SCHEDULES", "SOLVED_AT", "TEACHER_ESTIMATORS", "ImportanceWeights",
+    "KD_ESTIMATORS", "KD_MASKS", "KD_NORMS", "SCHEDULES", "SOLVED_AT", "TEACHER_ESTIMATORS", "DivergenceParams",
+    "ImportanceWeights", "TaidState",
     "TeacherEstimator", "TeacherSignal", "aggregate", "aggregate_denominator", "batch_normalisers", "clipped_surrogate",
     "coef_at", "distribution_divergence", "f_divergence", "group_advantages", "hidden_logprobs",
     "hidden_topk_divergence", "hidden_topk_logprobs", "importance_weights", "kd_sequence_mask", "kl_estimator",
-    "policy_gradient_term", "policy_loss", "rehearsal_loss", "solved", "teacher_denominator", "teacher_term",
+    "policy_gradient_term", "policy_loss", "rehearsal_loss", "solved", "taid", "taid_target",
+    "teacher_denominator", "teacher_term",
     "token_logprobs", "topk_support", "truncated_is_weights",
 ]

@@ -6,6 +6,7 @@ P = teacher, Q = student (pi_theta). All computed in fp32 log space; -inf log-pr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -67,26 +68,34 @@ def topk_support(student_logp: torch.Tensor, topk_ids: torch.Tensor, teacher_top
     return upcast(teacher_topk_tail_logp), student
 
 
-# ---- the divergences, each a function of (log P teacher, log Q student, beta, skew) over the
-# last dim, and the table the config chooses from by name ----
+# ---- the divergences, each a function of (log P teacher, log Q student, DivergenceParams) over
+# the last dim, and the table the config chooses from by name ----
 
-def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class DivergenceParams:
+    """What a divergence reads besides the two distributions (each reads its own)."""
+    beta: float = 0.5  # generalized_jsd's mixture weight (algorithm.kd.beta)
+    skew: float = 0.1  # the skew KLs' (algorithm.kd.skew)
+    t: float = 1.0  # TAID's interpolation: training state, sent with each step (algorithm.kd.taid)
+
+def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """KL(P_T || Q_theta): mass-covering."""
     return _kl(log_p, log_q)
 
 
-def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """KL(Q_theta || P_T): mode-seeking.
 
     What KDRL's k2 estimates from sampled tokens."""
     return _kl(log_q, log_p)
 
 
-def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (GKD; kd.beta).
 
     TRL's generalized_jsd_loss; beta = 0 is forward KL and beta = 1 reverse KL (both ends
     special-cased: M would equal one side and the other's weight vanish)."""
+    beta = params.beta
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
     if beta == 0.0:
@@ -97,11 +106,11 @@ def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew:
     return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
 
-def js(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+def js(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """JS(P_T, Q_theta): generalized_jsd at beta = 0.5.
 
-    `beta` is not read."""
-    return generalized_jsd(log_p, log_q, 0.5, skew)
+    `params.beta` is not read."""
+    return generalized_jsd(log_p, log_q, DivergenceParams(beta=0.5))
 
 
 def _skew(skew: float) -> None:
@@ -109,20 +118,30 @@ def _skew(skew: float) -> None:
         raise ValueError(f"skew must be in [0, 1), got {skew}")
 
 
-def skew_forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+def skew_forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """KL(P || skew P + (1 - skew) Q): DistiLLM's skew KL (kd.skew).
 
     skew = 0 is forward KL."""
+    skew = params.skew
     _skew(skew)
     return _kl(log_p, _log_mix(log_p, log_q, skew) if skew > 0 else log_q)
 
 
-def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """KL(Q || skew Q + (1 - skew) P): DistiLLM's skew reverse KL (kd.skew).
 
     skew = 0 is reverse KL."""
+    skew = params.skew
     _skew(skew)
     return _kl(log_q, _log_mix(log_q, log_p, skew) if skew > 0 else log_p)
+
+
+def taid_divergence(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
+    """KL(p_t || Q_theta), p_t = softmax((1 - t) sg(log Q) + t log P): TAID at the step's t
+    (losses/taid.py; the trainer moves t by the paper's adaptive rule)."""
+    from .taid import taid
+
+    return taid(log_p, log_q, params.t)
 
 
 # algorithm.kd.divergence: a new divergence is one function above and one entry here
@@ -133,6 +152,7 @@ DIVERGENCES = {
     "generalized_jsd": generalized_jsd,
     "skew_forward_kl": skew_forward_kl,
     "skew_reverse_kl": skew_reverse_kl,
+    "taid": taid_divergence,
 }
 DISTRIBUTION_DIVERGENCES = tuple(DIVERGENCES)
 
@@ -146,12 +166,13 @@ def distribution_divergence(
     skew: float = 0.1,
     topk_ids: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    t: float = 1.0,
 ) -> torch.Tensor:
     """Per-position divergence `DIVERGENCES[kind]` between the teacher's distribution P and the
     student's Q over the vocabulary: [..., V] -> [...]. An exact function of the position's
     prefix: it does not depend on which token was sampled there.
 
-    Both logits are divided by `temperature`. `vocab_size` slices padded LM-head rows.
+    Both logits are divided by `temperature`; `beta`, `skew` and TAID's `t`: `DivergenceParams`. `vocab_size` slices padded LM-head rows.
     Top-k teacher: pass `topk_ids` [..., k] and, as `teacher_logits`, the teacher's
     full-vocabulary log-probs of those k tokens followed by its tail log-mass [..., k+1]; the
     divergence is then taken on the top-k + tail support (see `topk_support`).
@@ -168,13 +189,13 @@ def distribution_divergence(
         log_p = torch.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
     else:
         log_p, log_q = topk_support(log_q, topk_ids, teacher_logits)
-    return fn(log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR), beta, skew)
+    return fn(log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR), DivergenceParams(beta, skew, t))
 
 
 def hidden_topk_divergence(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_logp: torch.Tensor,
     kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, chunk_size: int = 1024,
-    vocab_size: int | None = None,
+    vocab_size: int | None = None, t: float = 1.0,
 ) -> torch.Tensor:
     """Per-position `distribution_divergence` on the teacher's top-k support, from the
     student's hidden states [..., H]: logits are formed `chunk_size` positions at a time and
@@ -189,8 +210,9 @@ def hidden_topk_divergence(
     flat_ids = topk_ids.reshape(-1, topk_ids.shape[-1])
     flat_t = teacher_topk_logp.reshape(-1, teacher_topk_logp.shape[-1])
 
-    def chunk_fn(h, w, ids, t):
-        return distribution_divergence(fp32_logits(h, w), t, kind, beta=beta, temperature=temperature, skew=skew, topk_ids=ids)
+    def chunk_fn(h, w, ids, teacher):
+        return distribution_divergence(fp32_logits(h, w), teacher, kind, beta=beta, temperature=temperature, skew=skew,
+                                       topk_ids=ids, t=t)
 
     out = []
     for start in range(0, flat_ids.shape[0], chunk_size):

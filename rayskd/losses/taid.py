@@ -13,9 +13,11 @@ forward KL's, at t = 0 nothing. t rises from t_start by the paper's adaptive rul
 schedule from t_start to t_end is a floor, and t never falls. t is training state: a
 checkpoint holds the whole `TaidState`.
 
-Status (issue 28.3): the divergence and the schedule, tested against float64 references
-(tests/test_losses_taid.py); not yet a choice of algorithm.kd.divergence (the learner needs t
-with each step's share, the trainer the state in its checkpoint).
+As algorithm.kd.divergence=taid (with estimator=topk: on the teacher's top-k + tail support,
+divergences.taid_divergence) the trainer holds the state, sends t with each step's shares,
+logs it as taid_t and checkpoints it in trainer.json. The state update reads the teacher term's
+value KL(p_t || Q), the paper's J_TAID; the authors' code passes the cross-entropy, larger by
+the entropy of p_t.
 """
 from __future__ import annotations
 
