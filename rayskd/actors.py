@@ -190,7 +190,9 @@ def init_ray(actors: int) -> bool:
     # token authentication is Ray 2.60's default (RAY_AUTH_MODE unset): gcs_server, the raylet and
     # every worker's gRPC port listen on every interface whatever the node address, so the token is
     # what keeps them closed (Ray reads RAY_AUTH_MODE when it is imported: it is not ours to set here)
-    ray.init(num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False, log_to_driver=False,
+    # address "local": a cluster of its own even where `ray start` left one on this machine (with
+    # no address Ray would join that one, which is not what RAY_ADDRESS unset means here)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False, log_to_driver=False,
              _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False})
     protect_token()
     return True

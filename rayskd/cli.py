@@ -81,7 +81,9 @@ def _run(cfg) -> int:
                 return INTERRUPTED
             except Exception as e:  # an actor raised or died: which one, what, and why
                 what = str(e) if isinstance(e, TrainingError) else describe_failure(e)
-                lost_dir = isinstance(e, OSError) and not writable(cfg.run.output_dir)
+                # whatever raised (a learner's write of a checkpoint part comes back as its own error
+                # type): with the directory gone, that is why
+                lost_dir = not writable(cfg.run.output_dir)
                 if lost_dir:  # nothing more can be written there: what is committed stays as it is
                     what = (f"the run directory {cfg.run.output_dir} is gone or not writable any more ({what}); "
                             f"its committed checkpoints are as they were")

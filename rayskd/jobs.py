@@ -16,6 +16,7 @@ import time
 # never shipped to the cluster: environments, run outputs, VCS and caches
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", ".gpuwheels", ".whl"]
 PASSED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE", "RAY_AUTH_MODE")
+AGENT_WAIT_S = 60  # for the job agent of a cluster that has just started
 
 
 def client(address: str | None):
@@ -48,8 +49,15 @@ def submit(address: str | None, config_path: str, overrides: list[str], working_
     entrypoint = " ".join(["python", "-m", "rayskd", "train", shlex.quote(rel), *map(shlex.quote, overrides)])
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                      metadata={"tool": "rayskd", "config": rel})
+    c = client(address)
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"tool": "rayskd", "config": rel})
+        except RuntimeError as e:  # a cluster just started: its job agent comes up seconds after the dashboard
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def follow(address: str | None, job_id: str, out=sys.stdout) -> str:

@@ -127,7 +127,7 @@ def main() -> int:
     import ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         results = {name: measure(name, args.pushes) for name in args.models.split(",")}
     finally:

@@ -162,7 +162,7 @@ def phase_learner(work: str, tiny: bool) -> dict:
 
     s = sizes(tiny)
     cfg = base_config(work, tiny, f"learner.micro_batch_size={s['seqs']}")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     out = {}
     try:
         learner = start_learners(cfg, 13, actor_env(cfg))
@@ -236,7 +236,7 @@ def phase_teacher(work: str, tiny: bool) -> dict:
     cfg = base_config(work, tiny, f"teacher.micro_batch_size={s['teacher_seqs']}",
                       f"teacher.dtype={s['dtype']}")
     shard, _ = synthetic_share(s["teacher_seqs"], s["seq_len"], 13, cfg.algorithm)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     out = {}
     try:
         teachers = start_teachers(cfg, 13, actor_env(cfg))

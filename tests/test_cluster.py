@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import stop_ray_since
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,6 +25,7 @@ def ray_head():
     import shutil
     import tempfile
 
+    t0 = time.time()
     temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     port, dash = free_port(), free_port()
@@ -34,7 +37,7 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_since(t0)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -86,6 +89,7 @@ def two_nodes():
     import shutil
     import tempfile
 
+    t0 = time.time()
     temp = tempfile.mkdtemp(prefix="rk2", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     port = free_port()
@@ -101,7 +105,7 @@ def two_nodes():
         assert r.returncode == 0, r.stdout + r.stderr
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_since(t0)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -20,7 +20,7 @@ def test_an_actor_given_no_gpu_sees_none():
 
             return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         group = ActorGroup("probe", Probe, 2, 0.5, 0, lambda i, pg: {}, env_vars={"X": "1"})
         try:

@@ -88,7 +88,7 @@ def test_a_checkpoint_resumes_on_other_rank_counts_and_zero_stages(demo_assets, 
     assets, _ = demo_assets
     tok = AutoTokenizer.from_pretrained(f"{assets}/student")
     first, second = requests(len(tok), tok.eos_token_id, 0), requests(len(tok), tok.eos_token_id, 1)
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=False)
     try:
         original = Learners(assets, len(tok), 2, 2)
         original.update(first)
@@ -137,7 +137,7 @@ def test_a_bf16_learner_resumes_exactly_and_on_fewer_ranks(demo_assets, tmp_path
     assets, _ = demo_assets
     tok = AutoTokenizer.from_pretrained(f"{assets}/student")
     first, second = requests(len(tok), tok.eos_token_id, 0), requests(len(tok), tok.eos_token_id, 1)
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         original = Learners(assets, len(tok), 2, 2, bf16=True)
         original.update(first)

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
+from conftest import our_processes
 from test_system import FAST, demo_paths, metrics, rayskd
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,7 @@ def wait_for_steps(run, n, proc, timeout=600):
 
 
 def kill_actor(name):
-    victims = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if any(f"ray::{name}" in part for part in (p.info["cmdline"] or []))]
+    victims = our_processes(f"ray::{name}")
     assert victims, f"no {name} process found"
     victims[0].send_signal(signal.SIGKILL)
     return victims[0].pid

@@ -110,7 +110,7 @@ def test_two_ranks_with_micro_batches_equal_one_rank_on_the_whole_batch(demo_ass
     if micro == "tokens":
         counts = [len(micro_batches(h.prompt_len_N + h.response_len_N, 2, 24)) for h in (halve(shard, 0), halve(shard, 1))]
         assert counts[0] != counts[1], counts
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         w1, sums1, norm1 = one_update(assets, 1, shard, scores, len(tok))
         w2, sums2, norm2 = one_update(assets, 2, shard, scores, len(tok),

@@ -7,9 +7,9 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
 
+from conftest import our_processes
 from test_failures import kill_actor, nothing_lost, rewards_dir, training, wait_for_steps  # noqa: F401
 from test_system import FAST, demo_paths, metrics, rayskd
 
@@ -27,8 +27,7 @@ def test_an_always_failing_reward_is_refused_before_anything_starts(demo_assets,
 
 
 def engine_cores():
-    return [p for p in psutil.process_iter(["name", "cmdline"])
-            if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+    return our_processes("EngineCore")
 
 
 def test_a_killed_engine_core_is_a_dead_worker_and_the_fourth_crash_stops_at_once(demo_assets, tmp_path,
@@ -53,8 +52,7 @@ def test_a_killed_engine_core_is_a_dead_worker_and_the_fourth_crash_stops_at_onc
                 wait_for_steps(run, crash + 4, proc)
                 t_kill, victim = time.time(), kill_actor("RolloutEngine")
                 if crash < 3:  # wait for Ray's restart, so that the next kill hits the new worker
-                    while not any("ray::RolloutEngine" in " ".join(p.info["cmdline"] or []) and p.pid != victim
-                                  for p in psutil.process_iter(["cmdline"])):
+                    while not any(p.pid != victim for p in our_processes("ray::RolloutEngine")):
                         assert proc.poll() is None and time.time() - t_kill < 300
                         time.sleep(0.5)
             out, err = proc.communicate(timeout=300)

@@ -34,7 +34,7 @@ def env(prompt, completion, answer):
     return float(any(k.startswith("RAY_") for k in os.environ)) + 10 * float(os.getcwd() == answer)
 def join(prompt, completion, answer):
     import ray
-    ray.init(address="auto", log_to_driver=False)
+    ray.init(address=answer, log_to_driver=False)
     return float(len(ray.nodes()))
 def always_wrong(prompt, completion, answer):
     return float("nan")
@@ -118,13 +118,16 @@ def test_the_reward_process_has_no_ray_variables_and_its_own_directory(user_modu
 
 def test_the_reward_process_cannot_join_the_training_cluster(user_module):
     """A local cluster as `rayskd train` starts one (token auth, Ray's default): the reward
-    process finds its address by itself, but has no token to join with."""
+    process, told the cluster's address, has no token to join with. (The address is passed:
+    Ray's own discovery, address="auto", finds the newest cluster on the machine, which under
+    xdist may be another test's.)"""
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    address = ray.get_runtime_context().gcs_address
     r = RewardRunner("exact_match", "user_rewards:join", 60.0, (user_module,))
     try:
-        rewards, stats = r.score([("p", "c", "a")])
+        rewards, stats = r.score([("p", "c", address)])
         assert rewards == [0.0] and stats["reward_errors"] == 1
         assert "Failed to connect to Ray cluster" in r.first_failure, r.first_failure  # (with ~/.ray it joins)
     finally:

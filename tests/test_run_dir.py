@@ -17,6 +17,7 @@ import time
 import psutil
 import pytest
 
+from conftest import our_processes
 from test_failures import training, wait_for_steps
 from test_system import FAST, metrics, rayskd
 
@@ -24,12 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def ray_processes_since(t0: float) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["name", "cmdline", "create_time"]):
-        text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
-        if p.info["create_time"] >= t0 and any(k in text for k in ("gcs_server", "raylet", "ray::", "dashboard")):
-            out.append(p)
-    return out
+    return our_processes("gcs_server", "raylet", "ray::", "dashboard", since=t0)
 
 
 def test_one_process_per_run_directory_and_what_a_resume_checks(demo_assets, tmp_path, no_leftover_engines):

@@ -51,7 +51,7 @@ def test_two_rank_engine_and_teacher_match_one_rank(demo_assets, padded_teacher)
     moved = {k: v + 0.05 * torch.randn(v.shape, generator=g)  # weights the learner might push
              for k, v in load_file(f"{assets}/student/model.safetensors").items()}
     shard, _, _ = fixed_batch(len(tok), tok.eos_token_id)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         # the object-store transport's payload, in buckets of 64 KiB (the demo student is ~1 MiB)
         layout = plan_layout([(k, v.shape) for k, v in moved.items()], torch.float32, 64 << 10)

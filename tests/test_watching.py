@@ -112,7 +112,7 @@ def test_a_failure_names_the_actor_and_ends_with_its_traceback():
         def ready(self):
             return True
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(Exception) as caught:
             ray.get(Scorer.remote().score.remote(7))

@@ -63,7 +63,7 @@ def test_both_transports_push_into_a_plain_and_a_tensor_parallel_engine(demo_ass
     base = [f"student.path={assets}/student", "learner.world_size=1", "learner.lr=1e-2", "rollout.weight_bucket_mb=1"]
     cfgs = [load_config("configs/demo.yaml", [*base, f"rollout.tensor_parallel_size={tp}"]) for tp in (1, 2)]
     seq = [1, 2, 3, 4, 5, 6, tok.eos_token_id]
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     groups = []
     try:
         learner = start_learners(cfgs[0], len(tok), actor_env(cfgs[0]))
