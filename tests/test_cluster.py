@@ -32,6 +32,8 @@ def ray_head():
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     r = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                         "--dashboard-host=127.0.0.1", "--num-cpus=8", "--include-dashboard=true",
+                        # the job agent's HTTP port is 52365 unless told: another test's cluster may hold it
+                        f"--dashboard-agent-listen-port={free_port()}",
                         f"--temp-dir={temp}"], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     try:
