@@ -142,9 +142,15 @@ def latest(run_dir: str) -> tuple[int, str] | None:
 
 
 def prune(run_dir: str, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and stale .tmp dirs."""
+    """Keep the newest `keep` complete checkpoints; remove older ones and stale .tmp dirs. An old
+    one is renamed to .tmp before it is deleted, so that a deletion cut short (a kill, the
+    directory moved away) never leaves a half-deleted step_N directory beside the whole ones."""
     for _, path in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(path, path + ".tmp")
+        except OSError:
+            continue
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
     root = checkpoints_dir(run_dir)
     newest = latest(run_dir)
     for name in os.listdir(root):

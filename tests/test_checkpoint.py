@@ -20,6 +20,28 @@ def test_commit_latest_and_prune(tmp_path):
     assert step == 3 and ck.load_trainer_state(path) == {"step": 3}
 
 
+def test_an_old_checkpoint_cut_short_in_deletion_leaves_no_step_directory(tmp_path, monkeypatch):
+    """Pruning renames before it deletes: a deletion cut short (the run directory moved away mid-
+    rmtree, found by test_run_dir) leaves a .tmp the next commit removes, never an empty step_N."""
+    import shutil
+
+    make(tmp_path, 1)
+    make(tmp_path, 2)
+
+    def cut_short(path, ignore_errors=False):  # the files go, the directory stays
+        for root, _, files in os.walk(path):
+            for name in files:
+                os.remove(os.path.join(root, name))
+
+    monkeypatch.setattr(shutil, "rmtree", cut_short)
+    make(tmp_path, 3)  # prunes step 1
+    names = sorted(os.listdir(ck.checkpoints_dir(str(tmp_path))))
+    assert names == ["step_000001.tmp", "step_000002", "step_000003"], names
+    monkeypatch.undo()
+    make(tmp_path, 4)
+    assert sorted(os.listdir(ck.checkpoints_dir(str(tmp_path)))) == ["step_000003", "step_000004"]
+
+
 def test_partial_write_is_never_taken(tmp_path):
     make(tmp_path, 1)
     make(tmp_path, 2, complete=False)  # a crash while writing step 2
