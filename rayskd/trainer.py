@@ -100,9 +100,8 @@ class Trainer:
         self.sampler = PromptSampler(len(self.inputs.train), cfg.run.seed, cfg.data.shuffle)
         self.step_num, self.weights_version, self.rehearsal_pos = 0, 0, 0
         self.nonfinite_in_a_row = self.bad_teacher_in_a_row = 0
-        taid = cfg.algorithm.kd.taid
         # TAID's t and its momentum: training state, in every checkpoint (None: another divergence)
-        self.taid = TaidState(t=taid.t_start) if cfg.algorithm.kd.divergence == "taid" else None
+        self.taid = TaidState(t=cfg.algorithm.kd.taid.t_start) if cfg.algorithm.kd.divergence == "taid" else None
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = None
         self.stops = StopState()

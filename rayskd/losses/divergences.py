@@ -78,6 +78,7 @@ class DivergenceParams:
     skew: float = 0.1  # the skew KLs' (algorithm.kd.skew)
     t: float = 1.0  # TAID's interpolation: training state, sent with each step (algorithm.kd.taid)
 
+
 def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: DivergenceParams) -> torch.Tensor:
     """KL(P_T || Q_theta): mass-covering."""
     return _kl(log_p, log_q)
@@ -172,7 +173,8 @@ def distribution_divergence(
     student's Q over the vocabulary: [..., V] -> [...]. An exact function of the position's
     prefix: it does not depend on which token was sampled there.
 
-    Both logits are divided by `temperature`; `beta`, `skew` and TAID's `t`: `DivergenceParams`. `vocab_size` slices padded LM-head rows.
+    Both logits are divided by `temperature`; `beta`, `skew` and TAID's `t`: `DivergenceParams`.
+    `vocab_size` slices padded LM-head rows.
     Top-k teacher: pass `topk_ids` [..., k] and, as `teacher_logits`, the teacher's
     full-vocabulary log-probs of those k tokens followed by its tail log-mass [..., k+1]; the
     divergence is then taken on the top-k + tail support (see `topk_support`).
