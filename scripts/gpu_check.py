@@ -112,7 +112,8 @@ def synthetic_share(seqs: int, seq_len: int, vocab: int, algo):
 
 def plain_learner_step(model_path: str, seqs: int, seq_len: int, vocab: int, bf16: bool, steps: int) -> dict:
     """The plain reference: a DeepSpeed ZeRO-2 step on the same tokens, the loss over a
-    full-vocabulary fp32 log-softmax of every position, torch AdamW (in a Ray actor of its own)."""
+    full-vocabulary fp32 log-softmax of every position, torch's fused AdamW as rayskd's (in a
+    Ray actor of its own)."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
@@ -134,7 +135,7 @@ def plain_learner_step(model_path: str, seqs: int, seq_len: int, vocab: int, bf1
     init_process_group("nccl" if gpu else "gloo", "127.0.0.1", port, 0, 1)
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=gpu)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
         "train_micro_batch_size_per_gpu": seqs, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
         "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
