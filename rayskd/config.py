@@ -128,6 +128,10 @@ class RolloutConfig:
     gpu_memory_utilization: Optional[float] = None
     cpu_kv_cache_gb: int = 1
     sync_timeout_s: float = 120.0
+    # a rollout worker that fails (its process or its vLLM engine dies) is restarted by Ray, given
+    # the current weights and its work again; failing more than this many times within 10 minutes
+    # stops the run
+    max_failures: int = 3
     # how the learner's weights reach the engines (weight_sync.py): collective (a process group of
     # learner rank 0 and every engine worker: gloo on CPU, NCCL on GPU), object_store (through
     # Ray's object store), or auto: collective on GPUs, except object_store where an engine may
@@ -450,6 +454,7 @@ def validate(cfg: Config) -> None:
                f"{rollout.gpu_memory_utilization} of a GPU's memory is more than the engine's share of it "
                f"(rollout.gpus_per_worker={rollout.gpus_per_worker:g}): whatever shares the GPU would run out")
     _check(rollout.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
+    _check(rollout.max_failures >= 0, "rollout.max_failures", "must be >= 0 (0: the first failure stops the run)")
     _choice("rollout.weight_transport", rollout.weight_transport, TRANSPORTS)
     _check(rollout.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
 

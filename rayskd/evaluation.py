@@ -148,7 +148,7 @@ def run_eval(target: str, data: str | None, ks: tuple[int, ...], samples: int, o
     started = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size)
     pool = None
     try:
-        pool = RolloutPool(start_rollout(cfg, model, inputs.max_model_len, actor_env(cfg)), log)
+        pool = RolloutPool(start_rollout(cfg, model, inputs.max_model_len, actor_env(cfg)), log, cfg.rollout.max_failures)
         return {"model": model, "step": step, "data": cfg.data.eval_path, **evaluate_on(pool, inputs.eval, cfg.run)}
     finally:
         if pool is not None:

@@ -52,7 +52,7 @@ def presample(cfg: Config, max_prompts: int = 0, explore_out: str | None = None,
     pool = scorer = None
     try:
         env = actor_env(cfg)
-        pool = RolloutPool(start_rollout(cfg, cfg.student.path, inputs.max_model_len, env), log)
+        pool = RolloutPool(start_rollout(cfg, cfg.student.path, inputs.max_model_len, env), log, cfg.rollout.max_failures)
         parts = pool.split(prompts)
         shard = concat_shards(ray.get(pool.run("generate", parts, 0, False, G, what="presampling")))
         pool.shutdown()

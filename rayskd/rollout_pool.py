@@ -5,8 +5,8 @@ Ray (unlimited `max_restarts`, but no task retries: Ray would re-run the call on
 holds the initial weights). The pool waits for the restart, pushes the current weights, and
 re-issues the same work; the per-request seeds make the retried samples the same ones.
 Generation, evaluation and the weight sync all go through here, so they recover the same way.
-A worker that fails more than MAX_FAILURES times within FAILURE_WINDOW_S, or that Ray can no
-longer restart, stops the run at once with a message.
+A worker that fails more than rollout.max_failures times within FAILURE_WINDOW_S, or that Ray
+can no longer restart, stops the run at once with a message.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ WeightSync = ObjectStoreSync | CollectiveSync
 
 RESTARTABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # an actor Ray is restarting
 MAX_RETRIES = 3  # of one request or scoring call
-MAX_FAILURES, FAILURE_WINDOW_S = 3, 600.0  # of one worker: a budget per window, not per run
+FAILURE_WINDOW_S = 600.0  # rollout.max_failures of one worker: a budget per window, not per run
 REVIVE_TIMEOUT_S = 600
 
 
@@ -75,10 +75,10 @@ def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_
 
 
 class RolloutPool:
-    def __init__(self, group: ActorGroup, event: Callable[[str], None]):
+    def __init__(self, group: ActorGroup, event: Callable[[str], None], max_failures: int):
         """The engines serve the model they started with until `use_weights` gives the pool a
         transport for the learner's (`rayskd eval` never does)."""
-        self.group, self.event, self.weights = group, event, None
+        self.group, self.event, self.weights, self.max_failures = group, event, None, max_failures
         self.engine_pids = [p for pids in ray.get(group.call("child_pids")) for p in pids]
         self.failures: list[list[float]] = [[] for _ in range(group.n)]  # times each worker failed
         # the learner is in an update (Trainer.step): its weights are newer than the engines'.
@@ -197,7 +197,7 @@ class RolloutPool:
         """Wait until Ray has restarted worker i, then load the current weights into it."""
         now = time.time()
         self.failures[i] = [t for t in self.failures[i] if now - t < FAILURE_WINDOW_S] + [now]
-        if len(self.failures[i]) > MAX_FAILURES:
+        if len(self.failures[i]) > self.max_failures:
             raise TrainingError(f"rollout worker {i} failed {len(self.failures[i])} times within "
                                 f"{FAILURE_WINDOW_S / 60:.0f} minutes; stopping (its log: {self.group.log_file(i)})")
         actor = self.actors[i]

@@ -186,7 +186,7 @@ class Trainer:
         self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
-        self.rollout = RolloutPool(rollout, self.log.event)
+        self.rollout = RolloutPool(rollout, self.log.event, cfg.rollout.max_failures)
         self.rollout.use_weights(self._weight_sync())
         ray.get(self.teacher.call("ready") + self.learner.call("ready"))
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")

@@ -53,6 +53,7 @@ def test_overrides_and_read_only():
     ("rollout.top_p=0", "rollout.top_p"),
     ("rollout.top_p=0.9", "rollout.top_p"),
     ("rollout.top_k=50", "rollout.top_k"),
+    ("rollout.max_failures=-1", "rollout.max_failures"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("rollout.gpus_per_worker=1.5", "rollout.gpus_per_worker"),
     ("algorithm.rehearsal.coef=0.1", "algorithm.rehearsal.data_path"),

@@ -1,6 +1,6 @@
 """Issue 11, end to end with real processes: an always-failing reward is refused before
 anything starts; a killed vLLM engine core is a dead rollout worker (restarted, retried), and
-the fourth crash of a rollout worker within the window stops the run at once with a message,
+a crash of a rollout worker past its budget within the window stops the run at once with a message,
 keeping every step. (Bad reward values, Ctrl-C and a damaged newest checkpoint: test_failures.py,
 sharing runs with the other failures.)"""
 import os
@@ -30,31 +30,28 @@ def engine_cores():
     return our_processes("EngineCore")
 
 
-def test_a_killed_engine_core_is_a_dead_worker_and_the_fourth_crash_stops_at_once(demo_assets, tmp_path,
-                                                                                 no_leftover_engines):
+def test_a_killed_engine_core_is_a_dead_worker_and_a_crash_past_the_budget_stops_at_once(demo_assets, tmp_path,
+                                                                                        no_leftover_engines):
     """vLLM's engine core in a process of its own, as on a GPU. SIGKILL it mid-run: the worker
     exits, Ray restarts it, it gets the current weights and the same prompts again, and the run
-    goes on. Then three kills of the rollout worker itself: the fourth crash within the window
-    stops the run at once (not after 600 s of silence), keeping every step."""
+    goes on. Then a kill of the rollout worker itself, its second failure within the window with
+    rollout.max_failures=1 (3 by default): the run stops at once (not after 600 s of silence),
+    keeping every step."""
     run = tmp_path / "run"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # inherited by the run and its Ray workers
     try:
         # (automatic restarts off: the stop itself is tested here, the restart in test_resume.py)
         with training("run.steps=60", f"run.output_dir={run}", "learner.world_size=1", "run.max_restarts=0",
-                      *FAST) as proc:
+                      "rollout.max_failures=1", *FAST) as proc:
             wait_for_steps(run, 2, proc)
             cores = engine_cores()
             assert cores, "no engine core process: VLLM_ENABLE_V1_MULTIPROCESSING did not reach the worker"
             cores[0].send_signal(signal.SIGKILL)
             wait_for_steps(run, 4, proc)  # recovered: it trains on
             recovered = metrics(run)
-            for crash in range(1, 4):
-                wait_for_steps(run, crash + 4, proc)
-                t_kill, victim = time.time(), kill_actor("RolloutEngine")
-                if crash < 3:  # wait for Ray's restart, so that the next kill hits the new worker
-                    while not any(p.pid != victim for p in our_processes("ray::RolloutEngine")):
-                        assert proc.poll() is None and time.time() - t_kill < 300
-                        time.sleep(0.5)
+            wait_for_steps(run, 5, proc)
+            t_kill = time.time()
+            kill_actor("RolloutEngine")
             out, err = proc.communicate(timeout=300)
             stopped_after = time.time() - t_kill
     finally:
@@ -63,9 +60,9 @@ def test_a_killed_engine_core_is_a_dead_worker_and_the_fourth_crash_stops_at_onc
     assert [m["step"] for m in recovered[:4]] == [1, 2, 3, 4]
     assert all(m["weights_version_sampled"] == m["step"] - 1 for m in metrics(run))  # the current weights each time
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
-    assert "rollout worker 0 failed 4 times within 10 minutes" in err
+    assert "rollout worker 0 failed 2 times within 10 minutes" in err
     assert stopped_after < 120  # at once, not after 600 s of silence
-    nothing_lost(run, at_least=7, log=out + err)
+    nothing_lost(run, at_least=5, log=out + err)
 
 
 def test_non_finite_teacher_scores_are_counted_not_trained_on_and_stop_when_they_persist(demo_assets, tmp_path,
