@@ -189,10 +189,20 @@ class TaidConfig:
 
 
 @dataclass(frozen=True)
+class MiniLLMConfig:
+    """MiniLLM's reward-to-go (estimator minillm / minillm_topk; docs/algorithms.md, "MiniLLM"):
+    the authors' code's discount and length normalisation. gamma 1 without normalisation is the
+    exact gradient of the sequence-level reverse KL; these trade that for less variance."""
+    gamma: float = 0.95
+    length_norm: bool = True
+
+
+@dataclass(frozen=True)
 class KDConfig:
     """The teacher term (docs/algorithms.md, "The teacher term")."""
     divergence: str = "reverse_kl"  # a name of losses.DIVERGENCES (the distribution estimators)
-    estimator: str = "k2"  # a name of losses.TEACHER_ESTIMATORS: k2 | k3 | k1_reward | topk
+    # a name of losses.TEACHER_ESTIMATORS: k2 | k3 | k1_reward | topk | minillm | minillm_topk
+    estimator: str = "k2"
     coef: float = 0.1
     schedule: str = "constant"  # constant | linear
     coef_min: float = 0.0
@@ -207,6 +217,7 @@ class KDConfig:
     # as TIS truncates the GRPO term's (one rare token with mu << pi_theta would dominate the step)
     is_cap: float = 2.0
     taid: TaidConfig = field(default_factory=TaidConfig)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
 
 
 @dataclass(frozen=True)
@@ -516,6 +527,11 @@ def validate(cfg: Config) -> None:
            f"TAID needs 0 <= t_start <= t_end <= 1, got t_start={kd.taid.t_start}, t_end={kd.taid.t_end}")
     _check(kd.taid.alpha >= 0, "algorithm.kd.taid.alpha", f"must be >= 0, got {kd.taid.alpha}")
     _check(0 <= kd.taid.beta < 1, "algorithm.kd.taid.beta", f"must be in [0, 1), got {kd.taid.beta}")
+    _check(0 <= kd.minillm.gamma <= 1, "algorithm.kd.minillm.gamma", f"must be in [0, 1], got {kd.minillm.gamma}")
+    if kd.estimator.startswith("minillm"):
+        _check(kd.divergence == "reverse_kl", "algorithm.kd.divergence",
+               f"MiniLLM minimises the sequence-level reverse KL: {kd.divergence} is not its single-step part "
+               f"(use reverse_kl)")
     if TEACHER_ESTIMATORS[kd.estimator].distribution:
         _check(teacher.top_k >= 1, "teacher.top_k",
                f"algorithm.kd.estimator={kd.estimator} needs the teacher's distribution: teacher.top_k >= 1")

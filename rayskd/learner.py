@@ -186,7 +186,8 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
     pg, clipped = policy_gradient_term(logp, mb.advantages_N, mb.mask_NR, w, clip_low=algo.clip_low,
                                        clip_high=algo.clip_high, aggregation=algo.aggregation, norm_len=norm_len,
                                        denominator=share.pg_denominator)
-    values = estimator.values(logp, TeacherSignal(mb.teacher_logp_NR, divergence))
+    values = estimator.values(logp, TeacherSignal(mb.teacher_logp_NR, divergence, mb.mask_NR, w.teacher_weight,
+                                                  kd.minillm.gamma, kd.minillm.length_norm))
     teacher = teacher_term(values, mb.mask_NR, mb.kd_mask_N, w.teacher_weight if estimator.sampled else None,
                            norm=kd.norm, aggregation=algo.aggregation, norm_len=norm_len,
                            denominator=share.kd_denominator)

@@ -54,6 +54,8 @@ def test_overrides_and_read_only():
     ("rollout.top_p=0.9", "rollout.top_p"),
     ("rollout.top_k=50", "rollout.top_k"),
     ("rollout.max_failures=-1", "rollout.max_failures"),
+    ("algorithm.kd.estimator=minillm_topk", "teacher.top_k"),  # its single-step part needs the distribution
+    ("algorithm.kd.minillm.gamma=1.5", "algorithm.kd.minillm.gamma"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("rollout.gpus_per_worker=1.5", "rollout.gpus_per_worker"),
     ("algorithm.rehearsal.coef=0.1", "algorithm.rehearsal.data_path"),
@@ -76,6 +78,11 @@ def test_valid_combinations():
     load_config(DEMO, ["rollout.samples_per_prompt=1", "algorithm.pg_coef=0"])
     with pytest.raises(ConfigError, match="pg_coef=0, takes 1"):
         load_config(DEMO, ["rollout.samples_per_prompt=1"])
+    load_config(DEMO, ["algorithm.kd.estimator=minillm_topk", "teacher.top_k=8", "algorithm.kd.minillm.gamma=1",
+                       "algorithm.kd.minillm.length_norm=false"])
+    with pytest.raises(ConfigError, match="sequence-level reverse KL") as e:
+        load_config(DEMO, ["algorithm.kd.estimator=minillm_topk", "teacher.top_k=8", "algorithm.kd.divergence=js"])
+    assert e.value.key == "algorithm.kd.divergence"
     load_config(DEMO, ["algorithm.kd.estimator=k1_reward", "algorithm.advantage=dr_grpo",
                        "algorithm.aggregation=seq_mean_token_sum_norm", "rollout.gpus_per_worker=0.25"])
 

@@ -82,18 +82,20 @@ def algorithm(staleness: int, tis_cap: float, estimator: str, pg_coef: float) ->
 def exact_on_policy_gradient(z, teacher, advantages, estimator: str, pg_coef: float, kd_coef: float) -> torch.Tensor:
     """The gradient the objective's terms stand for, from their definitions: GRPO's
     -E_pi[A grad log pi], and the teacher estimator's divergence: reverse KL for k2 and
-    k1_reward, forward KL for k3's gradient, the top-k + tail forward KL at the position."""
+    k1_reward, forward KL for k3's gradient, the top-k + tail forward KL at the position; MiniLLM's
+    on a one-token response is its single-step part, the reverse KL (top-k + tail for minillm_topk;
+    its long part, across tokens, in test_losses_minillm.py)."""
     zz = z.clone().requires_grad_(True)
     logq = torch.log_softmax(zz, -1)
     q = logq.exp()
     pg = -(q.detach() * advantages * logq).sum()
-    if estimator in ("k2", "k1_reward"):
+    if estimator in ("k2", "k1_reward", "minillm"):
         kd = (q * (logq - teacher)).sum()
     elif estimator == "k3":
         kd = (teacher.exp() * (teacher - logq)).sum()
     else:
         vals, ids = teacher_topk(teacher)
-        kd = distribution_divergence(zz, vals, "forward_kl", topk_ids=ids)
+        kd = distribution_divergence(zz, vals, "forward_kl" if estimator == "topk" else "reverse_kl", topk_ids=ids)
     return torch.autograd.grad(pg_coef * pg + kd_coef * kd, zz)[0]
 
 

@@ -7,6 +7,7 @@ teacher.py     the teacher term's estimators, by config name (TEACHER_ESTIMATORS
 objective.py   the terms of the objective, their importance weights and normalisers
 logprobs.py    chunked log-probs (and top-k) from logits or hidden states
 taid.py        TAID's interpolated target and its adaptive schedule of t
+minillm.py     MiniLLM's reward-to-go and the values of its estimators
 sparse.py      sampled sparse teacher targets (not yet a teacher payload)
 """
 from .divergences import (

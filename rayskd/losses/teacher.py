@@ -10,6 +10,8 @@ teacher returned to per-token values [B, T] whose gradient is the term's. Two ki
 - distribution estimators are exact at each position (a divergence over the teacher's
   distribution there, computed in the student's forward): they depend on the prefix only, and
   a weight of the sampled token would add variance and correct nothing.
+- MiniLLM's (losses/minillm.py) read the whole response: a reward-to-go of the sampled tokens'
+  log-ratios, and a single-step part that is either kind.
 Adding an estimator is one function here and one entry in TEACHER_ESTIMATORS.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 
 from .estimators import kl_estimator
+from .minillm import minillm_values
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class TeacherSignal:
     # the per-position divergence to the teacher's distribution (algorithm.kd.divergence), from
     # the student's forward; None unless the estimator needs the distribution
     divergence_NR: torch.Tensor | None = None
+    # what a sequence-level estimator (MiniLLM) reads besides: the response tokens, the
+    # sampled-token importance weight (detached) and its reward-to-go settings
+    mask_NR: torch.Tensor | None = None
+    weight_NR: torch.Tensor | None = None
+    gamma: float = 1.0
+    length_norm: bool = False
 
 
 def k2(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
@@ -60,10 +69,26 @@ def topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     return teacher.divergence_NR
 
 
+def minillm(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
+    """MiniLLM's sequence-level reverse KL by policy gradient (losses/minillm.py), its single-step
+    part from the sampled token: k1_reward plus the long part G_t grad log pi_theta."""
+    return minillm_values(logp, teacher.logp_NR, teacher.mask_NR, None, None, teacher.gamma, teacher.length_norm)
+
+
+def minillm_topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
+    """MiniLLM with its single-step part exact on the teacher's top-k + tail (reverse KL at each
+    position, unweighted) and the long part weighted by the sampled token's importance weight."""
+    if teacher.divergence_NR is None:
+        raise ValueError("estimator 'minillm_topk' needs the per-position divergence from the student's forward "
+                         "(the teacher's top-k distribution: teacher.top_k > 0)")
+    return minillm_values(logp, teacher.logp_NR, teacher.mask_NR, teacher.weight_NR, teacher.divergence_NR,
+                          teacher.gamma, teacher.length_norm)
+
+
 @dataclass(frozen=True)
 class TeacherEstimator:
     values: Callable[[torch.Tensor, TeacherSignal], torch.Tensor]
-    sampled: bool  # reads the sampled token only: weighted by the importance weight off-policy
+    sampled: bool  # reads the sampled token only: the caller weights it by the importance weight off-policy
     distribution: bool  # needs the teacher's distribution (teacher.top_k > 0) and the divergence in the forward
     about: str  # one line, for messages and the docs
 
@@ -77,5 +102,9 @@ TEACHER_ESTIMATORS = {
                                   about="-delta as a per-token reward: k2's gradient, k1's value"),
     "topk": TeacherEstimator(topk, sampled=False, distribution=True,
                              about="algorithm.kd.divergence over the teacher's top-k + tail at each position"),
+    "minillm": TeacherEstimator(minillm, sampled=True, distribution=False,
+                                about="MiniLLM: sequence-level reverse KL by policy gradient, from sampled tokens"),
+    "minillm_topk": TeacherEstimator(minillm_topk, sampled=False, distribution=True,
+                                     about="MiniLLM with its single-step part exact on the teacher's top-k + tail"),
 }
 KD_ESTIMATORS = tuple(TEACHER_ESTIMATORS)
