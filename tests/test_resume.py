@@ -81,50 +81,44 @@ def close(a, b, rel=1e-4) -> bool:
     return a == b
 
 
-# ZeRO-2 with generation running ahead (the checkpoint holds samples already drawn for the
-# next step, split into as many requests as the layout had), and ZeRO-3 strictly on-policy
-# with TAID (issue 28.3): its t is training state, moved by the term's value each step
+# TAID (issue 28.3): its t is training state, moved by the term's value each step
 TAID = ["teacher.top_k=8", "algorithm.kd.estimator=topk", "algorithm.kd.divergence=taid"]
 
 
-@pytest.mark.parametrize("stage,staleness", [(2, 1), (3, 0)])
-def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_assets, tmp_path, no_leftover_engines,
-                                                                       stage, staleness):
-    """A run of 2 learner ranks killed with SIGKILL right after its step-2 checkpoint (the end
-    of a pass over the data): resumed as it was, every metric equals the uninterrupted run's;
-    resumed (ZeRO-2, samples drawn ahead) on 3 learner ranks at ZeRO-3, 2 teachers and 2 rollout
-    engines, it continues with the same optimizer state and the same metrics to float tolerance."""
-    assets, _ = demo_assets
+def run_args(tmp_path, assets, stage: int, staleness: int) -> list[str]:
     data = tmp_path / "train.jsonl"
     small_dataset(assets, data, n=48)  # 48 prompts, 24 per step: a pass over the data is exactly 2 steps
-    config = os.path.abspath("configs/demo.yaml")
     # 192 sequences per step: whole micro-batches of 32 on 1, 2 or 3 ranks; 6 requests of 4
     # prompts, whole requests for 1, 2 or 3 ranks (a call's samples are seeded by its prompts)
-    args = ["run.steps=4", "rollout.prompts_per_request=4", "run.checkpoint_every=1", f"data.train_path={data}",
-            "learner.world_size=2",
-            f"learner.zero_stage={stage}", "algorithm.prompts_per_step=24", "learner.micro_batch_size=32",
-            "run.eval_every=0", "run.eval_max_prompts=48", f"algorithm.max_staleness={staleness}"]
-    taid = stage == 3
-    args += TAID if taid else []
+    return ["run.steps=4", "rollout.prompts_per_request=4", "run.checkpoint_every=1", f"data.train_path={data}",
+            "learner.world_size=2", f"learner.zero_stage={stage}", "algorithm.prompts_per_step=24",
+            "learner.micro_batch_size=32", "run.eval_every=0", "run.eval_max_prompts=48",
+            f"algorithm.max_staleness={staleness}"]
+
+
+def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(demo_assets, tmp_path, no_leftover_engines):
+    """A run of 2 learner ranks at ZeRO-2, generating ahead (the checkpoint holds samples already
+    drawn for the next step, split into as many requests as the layout had), with TAID's t as
+    training state, killed with SIGKILL right after its step-2 checkpoint (the end of a pass over
+    the data): resumed as it was, every metric equals the uninterrupted run's, t included;
+    resumed on 3 learner ranks at ZeRO-3, 2 teachers and 2 rollout engines, it continues with
+    the same optimizer state and the same metrics to float tolerance."""
+    assets, _ = demo_assets
+    config = os.path.abspath("configs/demo.yaml")
+    args = run_args(tmp_path, assets, stage=2, staleness=1) + TAID
 
     full = tmp_path / "full"
     r = rayskd("train", config, *args, f"run.output_dir={full}")
     assert r.returncode == 0, r.stderr[-3000:]
     ts = [m.get("taid_t") for m in metrics(full)]
-    if taid:  # from t_start (the first update only records the term), then at least the linear floor
-        assert ts[:2] == [0.4, 0.4] and all(a < b for a, b in zip(ts[1:], ts[2:])) and 0.85 - 1e-12 <= ts[-1] < 1, ts
-    else:
-        assert ts == [None] * 4
-
-    if stage == 3:  # issue 26.5: a learner lost mid-run heals itself, exactly
-        learner_lost_after_checkpoint_heals_itself(args, tmp_path / "healed", metrics(full))
+    # from t_start (the first update only records the term), then at least the linear floor
+    assert ts[:2] == [0.4, 0.4] and all(a < b for a, b in zip(ts[1:], ts[2:])) and 0.85 - 1e-12 <= ts[-1] < 1, ts
 
     cut = tmp_path / "cut"
     kill_after_checkpoint(config, args, cut, 2)
     assert len(metrics(cut)) >= 2
     other = tmp_path / "other_layout"
-    if stage == 2:
-        shutil.copytree(cut, other)
+    shutil.copytree(cut, other)
 
     r = rayskd("resume", str(cut))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -135,23 +129,23 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
         for key in DETERMINISTIC:
             assert ma.get(key) == mb.get(key), (ma["step"], key, ma.get(key), mb.get(key))
 
-    if stage == 2:  # another layout (test_elastic restores every rank count and stage at the learner)
-        r = rayskd("resume", str(other), "learner.world_size=3", "learner.zero_stage=3", "teacher.num_workers=2",
-                   "rollout.num_workers=2")
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "step 2" in r.stdout, r.stdout[-2000:]
-        c = metrics(other)
-        assert [m["step"] for m in c] == [1, 2, 3, 4]
-        for ma, mc in zip(a[2:], c[2:]):  # the same samples, the same update up to summation order
-            for key in DETERMINISTIC:
-                assert close(ma.get(key), mc.get(key)), (ma["step"], key, ma.get(key), mc.get(key))
-        written = json.load(open(other / "checkpoints" / "step_000004" / "learner" / "state.json"))
-        assert (written["world_size"], written["zero_stage"], written["step"]) == (3, 3, 4)
-        # the optimizer state after two more updates: every master and moment as the original's
-        ours, theirs = learner_tensors(other), learner_tensors(full)
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            assert float((ours[key] - theirs[key]).norm()) <= 1e-4 * float(theirs[key].norm()) + 1e-12, key
+    # another layout (test_elastic restores every rank count and stage at the learner)
+    r = rayskd("resume", str(other), "learner.world_size=3", "learner.zero_stage=3", "teacher.num_workers=2",
+               "rollout.num_workers=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 2" in r.stdout, r.stdout[-2000:]
+    c = metrics(other)
+    assert [m["step"] for m in c] == [1, 2, 3, 4]
+    for ma, mc in zip(a[2:], c[2:]):  # the same samples, the same update up to summation order
+        for key in DETERMINISTIC:
+            assert close(ma.get(key), mc.get(key)), (ma["step"], key, ma.get(key), mc.get(key))
+    written = json.load(open(other / "checkpoints" / "step_000004" / "learner" / "state.json"))
+    assert (written["world_size"], written["zero_stage"], written["step"]) == (3, 3, 4)
+    # the optimizer state after two more updates: every master and moment as the original's
+    ours, theirs = learner_tensors(other), learner_tensors(full)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert float((ours[key] - theirs[key]).norm()) <= 1e-4 * float(theirs[key].norm()) + 1e-12, key
 
     # checkpoints: the newest keep_checkpoints (2) are kept, each complete and loadable
     names = sorted(os.listdir(cut / "checkpoints"))
@@ -163,15 +157,26 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_other_actor_counts(demo_ass
     # tensors in safetensors, the rest JSON: nothing is unpickled on resume
     assert all(f.endswith((".safetensors", ".json")) for f in os.listdir(ck / "learner"))
     state = json.load(open(ck / "learner" / "state.json"))
-    assert (state["world_size"], state["zero_stage"], state["step"]) == (2, stage, 4)
+    assert (state["world_size"], state["zero_stage"], state["step"]) == (2, 2, 4)
     trainer_state = json.load(open(ck / "trainer.json"))
     sampler = trainer_state["sampler"]
     assert (sampler["epoch"], sampler["position"]) == (1, 48)  # two full passes; the next call starts pass 3
-    assert (trainer_state["taid"] is not None) == taid
+    assert trainer_state["taid"]["t"] >= ts[-1]  # (moved again by step 4's term: the t of step 5)
 
-    if stage == 2:  # a finished run: `train` into it is refused, `resume` extends it
-        r = rayskd("train", config, *args, f"run.output_dir={full}")
-        assert r.returncode == 2 and "rayskd resume" in r.stderr
-        r = rayskd("resume", str(full), "run.steps=5")
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert [m["step"] for m in metrics(full)] == [1, 2, 3, 4, 5]
+    # a finished run: `train` into it is refused, `resume` extends it
+    r = rayskd("train", config, *args, f"run.output_dir={full}")
+    assert r.returncode == 2 and "rayskd resume" in r.stderr
+    r = rayskd("resume", str(full), "run.steps=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in metrics(full)] == [1, 2, 3, 4, 5]
+
+
+def test_a_learner_lost_at_zero3_heals_itself_exactly(demo_assets, tmp_path, no_leftover_engines):
+    """Issue 26.5 at ZeRO-3, strictly on-policy: a learner rank killed with SIGKILL right after
+    the step-2 checkpoint; the run restores its newest checkpoint in the same process (a ZeRO-3
+    restore, as `rayskd resume` does) and every metric equals the uninterrupted run's."""
+    args = run_args(tmp_path, demo_assets[0], stage=3, staleness=0)
+    full = tmp_path / "full"
+    r = rayskd("train", os.path.abspath("configs/demo.yaml"), *args, f"run.output_dir={full}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    learner_lost_after_checkpoint_heals_itself(args, tmp_path / "healed", metrics(full))
