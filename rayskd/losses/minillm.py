@@ -37,17 +37,11 @@ def future_cost(delta: torch.Tensor, mask: torch.Tensor, gamma: float, length_no
     return out * mask
 
 
-def minillm_values(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None,
-                   single_step: torch.Tensor | None, gamma: float, length_norm: bool) -> torch.Tensor:
-    """Per-token values [B, T] whose gradient is MiniLLM's: `single_step` (the per-position
-    reverse KL to the teacher's distribution from the student's forward) plus the long part
-    weight x G_t x grad log Q_theta(y_t); without the distribution, the single-step part is
-    delta_t grad log Q_theta(y_t) (value delta_t, k1) and the weight is applied to the whole
-    by the caller (`weight` None). The long part's value is 0, so that the values sum to the
-    single-step part's: an estimate of the per-token reverse KL, what the run logs."""
+def long_part(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, gamma: float,
+              length_norm: bool) -> torch.Tensor:
+    """Per-token values [B, T] of value 0 and gradient G_t grad log Q_theta(y_t) (`future_cost` of
+    the sampled tokens' log-ratios): MiniLLM's long part, added to a single-step part (k1_reward
+    from the sampled token, or the per-position reverse KL), so that the values still sum to
+    the single-step part's, an estimate of the per-token reverse KL (what the run logs)."""
     delta = (logp - teacher_logp).detach()
-    score = logp - logp.detach()  # value 0, gradient grad log Q_theta(y_t)
-    long = future_cost(delta, mask, gamma, length_norm) * score
-    if single_step is None:
-        return delta * torch.exp(score) + long
-    return single_step + (long if weight is None else weight * long)
+    return future_cost(delta, mask, gamma, length_norm) * (logp - logp.detach())

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .estimators import kl_estimator
-from .minillm import minillm_values
+from .minillm import long_part
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     """The divergence algorithm.kd.divergence at each position, on the teacher's top-k tokens
     plus a tail bucket (`divergences.topk_support`), computed in the student's forward."""
     if teacher.divergence_NR is None:
-        raise ValueError("estimator 'topk' needs the per-position divergence from the student's forward "
+        raise ValueError("a distribution estimator needs the per-position divergence from the student's forward "
                          "(the teacher's top-k distribution: teacher.top_k > 0)")
     return teacher.divergence_NR
 
@@ -72,17 +72,15 @@ def topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
 def minillm(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     """MiniLLM's sequence-level reverse KL by policy gradient (losses/minillm.py), its single-step
     part from the sampled token: k1_reward plus the long part G_t grad log pi_theta."""
-    return minillm_values(logp, teacher.logp_NR, teacher.mask_NR, None, None, teacher.gamma, teacher.length_norm)
+    return k1_reward(logp, teacher) + long_part(logp, teacher.logp_NR, teacher.mask_NR, teacher.gamma,
+                                                teacher.length_norm)
 
 
 def minillm_topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     """MiniLLM with its single-step part exact on the teacher's top-k + tail (reverse KL at each
     position, unweighted) and the long part weighted by the sampled token's importance weight."""
-    if teacher.divergence_NR is None:
-        raise ValueError("estimator 'minillm_topk' needs the per-position divergence from the student's forward "
-                         "(the teacher's top-k distribution: teacher.top_k > 0)")
-    return minillm_values(logp, teacher.logp_NR, teacher.mask_NR, teacher.weight_NR, teacher.divergence_NR,
-                          teacher.gamma, teacher.length_norm)
+    return topk(logp, teacher) + teacher.weight_NR * long_part(logp, teacher.logp_NR, teacher.mask_NR, teacher.gamma,
+                                                               teacher.length_norm)
 
 
 @dataclass(frozen=True)
