@@ -17,17 +17,28 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def learner(demo_assets):
+@pytest.fixture(scope="module", params=[2, 0], ids=["zero2", "zero0"])
+def learner(request, demo_assets):
+    """A learner at ZeRO-2 (DeepSpeed's ZeRO optimizer checks and reports the gradient norm) and
+    at ZeRO-0 in fp32 (where DeepSpeed does neither, and rayskd's optimizer does both: a NaN
+    gradient there was once applied, and the norm logged as NaN)."""
+    import torch.distributed as dist
+
     from rayskd.config import load_config
     from rayskd.learner import Learner, LearnerSpec
 
     cfg = load_config("configs/demo.yaml", ["learner.world_size=1", "algorithm.prompts_per_step=2",
                                             "rollout.samples_per_prompt=2", "learner.micro_batch_size=2",
-                                            "learner.lr=1e-3"])
+                                            "learner.lr=1e-3", f"learner.zero_stage={request.param}"])
     learner = Learner(LearnerSpec.from_config(cfg, 13), rank=0, world_size=1, master_addr="127.0.0.1",
                       master_port=free_port())
-    return learner
+    yield learner
+    # the next stage's learner, in this process, sets up its own group: DeepSpeed's cached
+    # clones of the old one go with it
+    from deepspeed.utils import groups
+
+    dist.destroy_process_group()
+    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = None
 
 
 def train(learner, step, s, scores):
@@ -73,7 +84,7 @@ def test_empty_response_is_a_valid_sample(learner):
     scores = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
     before = params(learner)
     out = train(learner, 0, s, scores)
-    assert not out.skipped and out.nonfinite == 0
+    assert not out.skipped and out.nonfinite == 0 and out.grad_norm > 0
     for key, value in vars(out).items():
         if isinstance(value, (int, float)):
             assert value == value and abs(value) != float("inf"), key
@@ -86,7 +97,7 @@ def test_non_finite_loss_skips_the_update(learner):
     scores = TeacherScores(logp_NR=torch.full((4, 4), float("nan")))
     before = params(learner)
     out = train(learner, 1, s, scores)
-    assert out.skipped and out.nonfinite >= 1
+    assert out.skipped and out.nonfinite >= 1 and learner.engine.skipped_steps >= 1
     assert torch.equal(params(learner), before)  # weights untouched
     good = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
     out = train(learner, 2, s, good)  # and the next finite step trains normally
