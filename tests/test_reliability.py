@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import our_processes
-from test_failures import kill_actor, nothing_lost, rewards_dir, training, wait_for_steps  # noqa: F401
+from test_failures import every_step_kept, kill_actor, rewards_dir, training, wait_for_steps  # noqa: F401
 from test_system import FAST, demo_paths, metrics, rayskd
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_a_killed_engine_core_is_a_dead_worker_and_a_crash_past_the_budget_stops
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert "rollout worker 0 failed 2 times within 10 minutes" in err
     assert stopped_after < 120  # at once, not after 600 s of silence
-    nothing_lost(run, at_least=5, log=out + err)
+    every_step_kept(run, at_least=5, log=out + err)
 
 
 def test_non_finite_teacher_scores_are_counted_not_trained_on_and_stop_when_they_persist(demo_assets, tmp_path,
