@@ -20,9 +20,10 @@ after every phase; DIR/gpu_check.log has every phase's output. A summary table i
            chunked log-softmax.
   vllm     rayskd's RolloutEngine against plain vLLM on the same prompts and sampling (eager both).
   system   the whole system colocated on one GPU (fractional shares): 2 steps strictly on-policy with
-           the engines asleep while the learner trains, then 2 with max_staleness=1 (awake); the
-           per-phase times, the weight push per transport, the engine-vs-learner agreement, a
-           resume's check.
+           the engines asleep while the learner trains and a checkpoint, then that run resumed for
+           2 more with max_staleness=1 (awake); the per-phase times, the weight push per
+           transport, the engine-vs-learner agreement, the resume's set-up (resume_s: the restored
+           weights pushed and checked against the learner's).
 
 Fields of the JSON: device, date, versions, generate_tokens_per_s, teacher_tokens_per_s,
 learner_tokens_per_s, weight_push_s, samples_per_s_on_policy, samples_per_s_staleness1, and
@@ -322,16 +323,23 @@ def phase_system(work: str, tiny: bool) -> dict:
               f"algorithm.prompts_per_step={s['step_prompts']}", f"rollout.samples_per_prompt={s['step_samples']}",
               f"rollout.max_new_tokens={s['step_tokens']}", "rollout.ignore_eos=true", "run.eval_every=0",
               "run.eval_max_prompts=8", "run.eval_samples=0", f"teacher.dtype={s['dtype']}",
-              f"learner.micro_batch_size={s['step_prompts'] * s['step_samples']}", "run.steps=2"]
+              f"learner.micro_batch_size={s['step_prompts'] * s['step_samples']}"]
     out = {}
-    for name, extra in (("on_policy", ["algorithm.max_staleness=0"]),
-                        ("staleness1", ["algorithm.max_staleness=1", "rollout.sleep_while_training=false"])):
-        run_dir = os.path.join(work, f"run-{name}")
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir = os.path.join(work, "run-system")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    # on-policy first, 2 steps and a checkpoint; then a resume of that run generating a step ahead
+    # (2 more steps): its set-up is the resume, the restored weights pushed and checked against
+    # the learner's, timed
+    for name, extra in (("on_policy", ["algorithm.max_staleness=0", "run.steps=2"]),
+                        ("staleness1", ["algorithm.max_staleness=1", "rollout.sleep_while_training=false",
+                                        "run.resume=auto", "run.steps=4"])):
         cfg = base_config(work, tiny, *common, *extra, f"run.output_dir={run_dir}")
         trainer = Trainer(cfg)
         try:
+            t0 = time.perf_counter()
             trainer.setup()
+            if name == "staleness1":
+                out["resume_s"] = time.perf_counter() - t0
             records = [trainer.step() for _ in range(2)]
             last = records[-1]
             out[f"samples_per_s_{name}"] = s["step_prompts"] * s["step_samples"] / last.step_s
@@ -361,15 +369,6 @@ def phase_system(work: str, tiny: bool) -> dict:
                 trainer.save_checkpoint()
         finally:
             trainer.shutdown()
-        if name == "on_policy":  # a resume: restored weights pushed and checked against the learner's
-            cfg = base_config(work, tiny, *common, *extra, f"run.output_dir={run_dir}", "run.resume=auto")
-            trainer = Trainer(cfg)
-            try:
-                t0 = time.perf_counter()
-                trainer.setup()
-                out["resume_s"] = time.perf_counter() - t0
-            finally:
-                trainer.shutdown()
     return out
 
 

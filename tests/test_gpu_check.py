@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 FIELDS = ("device", "date", "versions", "generate_tokens_per_s", "teacher_tokens_per_s", "learner_tokens_per_s",
           "weight_push_s", "samples_per_s_on_policy", "samples_per_s_staleness1", "plain_vllm_tokens_per_s",
-          "plain_teacher_tokens_per_s", "plain_learner_tokens_per_s")
+          "plain_teacher_tokens_per_s", "plain_learner_tokens_per_s", "resume_s")
 
 
 def test_gpu_check_tiny_runs_every_phase_and_writes_its_json(tmp_path, no_leftover_engines):
