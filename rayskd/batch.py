@@ -147,6 +147,11 @@ class TeacherScores:
     logp_NR: torch.Tensor
     topk_ids_NRK: torch.Tensor | None = None
     topk_logp_NRK1: torch.Tensor | None = None
+    # teacher.sparse_samples = S: ids drawn from the teacher's (tempered) distribution at each
+    # position, their log-probs and log importance weights (losses/sparse.py)
+    sample_ids_NRS: torch.Tensor | None = None
+    sample_logp_NRS: torch.Tensor | None = None
+    sample_logw_NRS: torch.Tensor | None = None
     nonfinite_N: torch.Tensor | None = None  # None: all finite
     worker: int = 0  # the teacher worker that scored it (for messages)
 
@@ -209,8 +214,8 @@ def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
             return None
         return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
 
-    return TeacherScores(logp_NR=cat([s.logp_NR for s in scores]), topk_ids_NRK=cat([s.topk_ids_NRK for s in scores]),
-                         topk_logp_NRK1=cat([s.topk_logp_NRK1 for s in scores]),
+    tensors = ("logp_NR", "topk_ids_NRK", "topk_logp_NRK1", "sample_ids_NRS", "sample_logp_NRS", "sample_logw_NRS")
+    return TeacherScores(**{name: cat([getattr(s, name) for s in scores]) for name in tensors},
                          nonfinite_N=torch.cat([s.nonfinite() for s in scores]))
 
 

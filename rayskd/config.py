@@ -95,6 +95,10 @@ class TeacherConfig:
     # custom Ray resources per actor, e.g. a node label (0: none of it, to unpin a role on a resume)
     resources: Dict[str, float] = field(default_factory=dict)
     top_k: int = 0  # > 0: also return the teacher's top-k distribution (estimator=topk)
+    # > 0: also return this many ids per position drawn from the teacher's distribution at
+    # sparse_temperature, with importance weights (estimator=sparse; losses/sparse.py)
+    sparse_samples: int = 0
+    sparse_temperature: float = 1.0
     # the teacher scores the student's tokens, rendered with the student's chat template: a
     # teacher whose own template renders a conversation differently is refused unless this is set
     allow_template_mismatch: bool = False
@@ -443,6 +447,11 @@ def validate(cfg: Config) -> None:
                    "custom resources need an amount >= 0 (0 drops the requirement, e.g. on a resume; "
                    "set CPU/GPU with gpus_per_worker)")
     _check(teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
+    _check(teacher.sparse_samples >= 0, "teacher.sparse_samples", "must be >= 0")
+    _check(teacher.sparse_temperature > 0, "teacher.sparse_temperature", "must be > 0")
+    _check(teacher.top_k == 0 or teacher.sparse_samples == 0, "teacher.sparse_samples",
+           "the teacher sends one distribution payload: its top-k (teacher.top_k) or ids drawn from it "
+           "(teacher.sparse_samples), not both")
     _check(teacher.micro_batch_size >= 1, "teacher.micro_batch_size", "must be >= 1")
     _check(teacher.max_tokens_per_batch >= 0, "teacher.max_tokens_per_batch", "must be >= 0 (0: micro_batch_size rows)")
     _check(teacher.temperature > 0, "teacher.temperature", "must be > 0")
@@ -532,7 +541,14 @@ def validate(cfg: Config) -> None:
         _check(kd.divergence == "reverse_kl", "algorithm.kd.divergence",
                f"MiniLLM minimises the sequence-level reverse KL: {kd.divergence} is not its single-step part "
                f"(use reverse_kl)")
-    if TEACHER_ESTIMATORS[kd.estimator].distribution:
+    estimator = TEACHER_ESTIMATORS[kd.estimator]
+    if estimator.distribution and estimator.payload == "sampled":
+        _check(teacher.sparse_samples >= 1, "teacher.sparse_samples",
+               f"algorithm.kd.estimator={kd.estimator} needs ids drawn from the teacher: teacher.sparse_samples >= 1")
+        _check(kd.divergence == "forward_kl", "algorithm.kd.divergence",
+               f"{kd.estimator} estimates KL(teacher || student) from the teacher's draws, without bias for that "
+               f"divergence only: set forward_kl, not {kd.divergence}")
+    elif estimator.distribution:
         _check(teacher.top_k >= 1, "teacher.top_k",
                f"algorithm.kd.estimator={kd.estimator} needs the teacher's distribution: teacher.top_k >= 1")
     else:

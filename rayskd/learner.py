@@ -123,7 +123,8 @@ class LearnerSpec:
 @dataclass
 class MicroBatch:
     """Rows of a rank's share, cut to their widths, on the learner's device: what the forward
-    reads (`fields`, the teacher's top-k when the estimator needs it) and what the loss reads."""
+    reads (`fields`, the teacher's top-k or draws when the estimator needs them) and what the
+    loss reads."""
     fields: tuple  # prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N (batch.forward_fields)
     mask_NR: torch.Tensor
     advantages_N: torch.Tensor
@@ -133,8 +134,15 @@ class MicroBatch:
     topk_ids_NRK: torch.Tensor | None = None
     teacher_topk_logp_NRK1: torch.Tensor | None = None
     taid_t: float = 1.0
+    # the teacher's draws (teacher.sparse_samples): ids, their log-probs and log weights
+    sample_ids_NRS: torch.Tensor | None = None
+    teacher_sample_logp_NRS: torch.Tensor | None = None
+    teacher_sample_logw_NRS: torch.Tensor | None = None
 
     def forward_kwargs(self) -> dict:
+        if self.sample_ids_NRS is not None:
+            return {"sample_ids_NRS": self.sample_ids_NRS, "teacher_sample_logp_NRS": self.teacher_sample_logp_NRS,
+                    "teacher_sample_logw_NRS": self.teacher_sample_logw_NRS}
         if self.topk_ids_NRK is None:
             return {}
         return {"topk_ids_NRK": self.topk_ids_NRK, "teacher_topk_logp_NRK1": self.teacher_topk_logp_NRK1,
@@ -162,12 +170,17 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
         def cut(t, idx=idx, r=r):  # a [N, R, ...] tensor's rows and width, on the device
             return t[idx, :r].to(device)
 
+        def dist(t):  # the teacher's distribution payload, where the estimator reads it (else None)
+            return cut(t) if distribution and t is not None else None
+
         out.append(MicroBatch(
             fields=rows, mask_NR=cut(mask_NR), advantages_N=adv_N[idx].to(device),
             sampler_logp_NR=cut(batch.sampler_logp_NR), teacher_logp_NR=cut(teacher.logp_NR),
             kd_mask_N=kd_mask_N[idx].to(device),
-            topk_ids_NRK=cut(teacher.topk_ids_NRK) if distribution else None,
-            teacher_topk_logp_NRK1=cut(teacher.topk_logp_NRK1) if distribution else None, taid_t=share.taid_t))
+            topk_ids_NRK=dist(teacher.topk_ids_NRK), teacher_topk_logp_NRK1=dist(teacher.topk_logp_NRK1),
+            taid_t=share.taid_t, sample_ids_NRS=dist(teacher.sample_ids_NRS),
+            teacher_sample_logp_NRS=dist(teacher.sample_logp_NRS),
+            teacher_sample_logw_NRS=dist(teacher.sample_logw_NRS)))
     return out
 
 

@@ -65,10 +65,13 @@ class PolicyModel(torch.nn.Module):
             deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
 
     def forward(self, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, with_entropy: bool = False,
-                topk_ids_NRK=None, teacher_topk_logp_NRK1=None, taid_t: float = 1.0):
-        """(logp [N, R], entropy [N, R] or None, top-k divergence [N, R] or None). `taid_t`:
-        TAID's interpolation this step (divergence taid)."""
+                topk_ids_NRK=None, teacher_topk_logp_NRK1=None, taid_t: float = 1.0, sample_ids_NRS=None,
+                teacher_sample_logp_NRS=None, teacher_sample_logw_NRS=None):
+        """(logp [N, R], entropy [N, R] or None, the divergence to the teacher's distribution
+        [N, R] or None: on its top-k, or its draws' forward-KL estimate). `taid_t`: TAID's
+        interpolation this step (divergence taid)."""
         from .losses import hidden_topk_divergence
+        from .losses.sparse import hidden_sampled_forward_kl
 
         h = response_hidden(self.lm, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, self.device)
         w = self.lm.get_output_embeddings().weight
@@ -80,4 +83,8 @@ class PolicyModel(torch.nn.Module):
             kd = hidden_topk_divergence(h, w, topk_ids_NRK.to(self.device), teacher_topk_logp_NRK1.to(self.device),
                                         self.divergence, self.beta, self.skew, self.temperature, self.chunk,
                                         self.vocab_size, t=taid_t)
+        elif sample_ids_NRS is not None:
+            kd = hidden_sampled_forward_kl(h, w, sample_ids_NRS.to(self.device), teacher_sample_logp_NRS.to(self.device),
+                                           teacher_sample_logw_NRS.to(self.device), self.temperature, self.chunk,
+                                           self.vocab_size)
         return logp, entropy, kd

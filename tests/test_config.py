@@ -56,6 +56,9 @@ def test_overrides_and_read_only():
     ("rollout.max_failures=-1", "rollout.max_failures"),
     ("algorithm.kd.estimator=minillm_topk", "teacher.top_k"),  # its single-step part needs the distribution
     ("algorithm.kd.minillm.gamma=1.5", "algorithm.kd.minillm.gamma"),
+    ("algorithm.kd.estimator=sparse", "teacher.sparse_samples"),  # it reads the teacher's draws
+    ("teacher.sparse_samples=-1", "teacher.sparse_samples"),
+    ("teacher.sparse_temperature=0", "teacher.sparse_temperature"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("rollout.gpus_per_worker=1.5", "rollout.gpus_per_worker"),
     ("algorithm.rehearsal.coef=0.1", "algorithm.rehearsal.data_path"),
@@ -83,6 +86,14 @@ def test_valid_combinations():
     with pytest.raises(ConfigError, match="sequence-level reverse KL") as e:
         load_config(DEMO, ["algorithm.kd.estimator=minillm_topk", "teacher.top_k=8", "algorithm.kd.divergence=js"])
     assert e.value.key == "algorithm.kd.divergence"
+    load_config(DEMO, ["algorithm.kd.estimator=sparse", "teacher.sparse_samples=8", "algorithm.kd.divergence=forward_kl",
+                       "teacher.sparse_temperature=1.5"])
+    with pytest.raises(ConfigError, match="without bias for that divergence only") as e:  # unbiased for forward KL
+        load_config(DEMO, ["algorithm.kd.estimator=sparse", "teacher.sparse_samples=8"])
+    assert e.value.key == "algorithm.kd.divergence"
+    with pytest.raises(ConfigError, match="one distribution payload") as e:
+        load_config(DEMO, ["algorithm.kd.estimator=topk", "teacher.top_k=8", "teacher.sparse_samples=8"])
+    assert e.value.key == "teacher.sparse_samples"
     load_config(DEMO, ["algorithm.kd.estimator=k1_reward", "algorithm.advantage=dr_grpo",
                        "algorithm.aggregation=seq_mean_token_sum_norm", "rollout.gpus_per_worker=0.25"])
 

@@ -74,7 +74,7 @@ def expected_gradient(z, sampler_logp, teacher, advantages, algo, kd_coef) -> to
 
 
 def algorithm(staleness: int, tis_cap: float, estimator: str, pg_coef: float) -> AlgorithmConfig:
-    divergence = "forward_kl" if estimator == "topk" else "reverse_kl"
+    divergence = "forward_kl" if estimator in ("topk", "sparse") else "reverse_kl"
     return AlgorithmConfig(max_staleness=staleness, tis_cap=tis_cap, pg_coef=pg_coef, clip_low=0.2, clip_high=0.2,
                            kd=KDConfig(estimator=estimator, divergence=divergence, is_cap=2.0))
 
@@ -82,7 +82,9 @@ def algorithm(staleness: int, tis_cap: float, estimator: str, pg_coef: float) ->
 def exact_on_policy_gradient(z, teacher, advantages, estimator: str, pg_coef: float, kd_coef: float) -> torch.Tensor:
     """The gradient the objective's terms stand for, from their definitions: GRPO's
     -E_pi[A grad log pi], and the teacher estimator's divergence: reverse KL for k2 and
-    k1_reward, forward KL for k3's gradient, the top-k + tail forward KL at the position; MiniLLM's
+    k1_reward, forward KL for k3's gradient, the top-k + tail forward KL at the position (sparse's
+    too: a per-position divergence is all the weighting sees; its draws' unbiasedness is
+    test_losses_sparse.py's); MiniLLM's
     on a one-token response is its single-step part, the reverse KL (top-k + tail for minillm_topk;
     its long part, across tokens, in test_losses_minillm.py)."""
     zz = z.clone().requires_grad_(True)
@@ -95,7 +97,8 @@ def exact_on_policy_gradient(z, teacher, advantages, estimator: str, pg_coef: fl
         kd = (teacher.exp() * (teacher - logq)).sum()
     else:
         vals, ids = teacher_topk(teacher)
-        kd = distribution_divergence(zz, vals, "forward_kl" if estimator == "topk" else "reverse_kl", topk_ids=ids)
+        kd = distribution_divergence(zz, vals, "forward_kl" if estimator in ("topk", "sparse") else "reverse_kl",
+                                     topk_ids=ids)
     return torch.autograd.grad(pg_coef * pg + kd_coef * kd, zz)[0]
 
 

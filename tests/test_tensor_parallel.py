@@ -93,10 +93,15 @@ def test_two_rank_engine_and_teacher_match_one_rank(demo_assets, padded_teacher)
 
 def test_training_with_tensor_parallel_rollout_and_teacher(demo_assets, padded_teacher, tmp_path,
                                                           no_leftover_engines):
+    """The teacher term is Sparse Logit Sampling's (issue 28.2): the two-rank teacher, whose LM
+    head has padded rows, draws 4 ids per position from its distribution tempered to 1.5 and
+    sends them with their importance weights; the learner takes the forward-KL estimate on them
+    in its forward. A draw on a padded row would index past the student's vocabulary."""
     run = tmp_path / "run"
     r = rayskd("train", os.path.abspath("configs/demo.yaml"), "run.steps=2", f"run.output_dir={run}",
                f"teacher.path={padded_teacher}", "rollout.tensor_parallel_size=2", "teacher.tensor_parallel_size=2",
-               "learner.world_size=1", *FAST)
+               "learner.world_size=1", "algorithm.kd.estimator=sparse", "algorithm.kd.divergence=forward_kl",
+               "teacher.sparse_samples=4", "teacher.sparse_temperature=1.5", *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     placement = json.load(open(run / "placement.json"))
     assert len(placement["teacher"]) == 2 and len(placement["rollout"]) == 1
@@ -105,3 +110,4 @@ def test_training_with_tensor_parallel_rollout_and_teacher(demo_assets, padded_t
     # the two-rank engine serves exactly the weights the learner pushed
     assert all(m["sampler_mismatch_max"] < 1e-3 for m in rows)
     assert all(m["kd_divergence"] is not None and m["kd_divergence"] > 0 for m in rows)
+    assert all(m["kd_loss"] > 0 and m["grad_norm"] > 0 and m["skipped_update"] is False for m in rows), rows

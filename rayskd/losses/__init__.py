@@ -8,7 +8,7 @@ objective.py   the terms of the objective, their importance weights and normalis
 logprobs.py    chunked log-probs (and top-k) from logits or hidden states
 taid.py        TAID's interpolated target and its adaptive schedule of t
 minillm.py     MiniLLM's reward-to-go and the values of its estimators
-sparse.py      sampled sparse teacher targets (not yet a teacher payload)
+sparse.py      sampled sparse teacher targets: the teacher's draw, the learner's estimate
 """
 from .divergences import (
     DISTRIBUTION_DIVERGENCES, DIVERGENCES, DivergenceParams, distribution_divergence, hidden_topk_divergence, topk_support,

@@ -65,8 +65,16 @@ def topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     plus a tail bucket (`divergences.topk_support`), computed in the student's forward."""
     if teacher.divergence_NR is None:
         raise ValueError("a distribution estimator needs the per-position divergence from the student's forward "
-                         "(the teacher's top-k distribution: teacher.top_k > 0)")
+                         "(the teacher's top-k distribution, teacher.top_k > 0, or its draws, "
+                         "teacher.sparse_samples > 0)")
     return teacher.divergence_NR
+
+
+def sparse(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
+    """Forward KL at each position from ids the teacher drew with importance weights
+    (losses/sparse.py: unbiased over the teacher's draws, values and gradient), computed in the
+    student's forward. Like topk, a function of the prefix only: no sampled-token weight."""
+    return topk(logp, teacher)
 
 
 def minillm(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
@@ -87,8 +95,11 @@ def minillm_topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
 class TeacherEstimator:
     values: Callable[[torch.Tensor, TeacherSignal], torch.Tensor]
     sampled: bool  # reads the sampled token only: the caller weights it by the importance weight off-policy
-    distribution: bool  # needs the teacher's distribution (teacher.top_k > 0) and the divergence in the forward
+    distribution: bool  # needs the teacher's distribution and the divergence in the student's forward
     about: str  # one line, for messages and the docs
+    # what of the teacher's distribution it reads: its top-k + tail (teacher.top_k), or ids it
+    # drew with their importance weights (teacher.sparse_samples)
+    payload: str = "topk"
 
 
 TEACHER_ESTIMATORS = {
@@ -104,5 +115,8 @@ TEACHER_ESTIMATORS = {
                                 about="MiniLLM: sequence-level reverse KL by policy gradient, from sampled tokens"),
     "minillm_topk": TeacherEstimator(minillm_topk, sampled=False, distribution=True,
                                      about="MiniLLM with its single-step part exact on the teacher's top-k + tail"),
+    "sparse": TeacherEstimator(sparse, sampled=False, distribution=True, payload="sampled",
+                               about="forward KL on ids the teacher drew with importance weights (Sparse Logit "
+                                     "Sampling): unbiased"),
 }
 KD_ESTIMATORS = tuple(TEACHER_ESTIMATORS)
