@@ -80,11 +80,11 @@ class PolicyModel(torch.nn.Module):
         logp, entropy = out if with_entropy else (out, None)
         kd = None
         if topk_ids_NRK is not None:
-            kd = hidden_topk_divergence(h, w, topk_ids_NRK.to(self.device), teacher_topk_logp_NRK1.to(self.device),
+            kd = hidden_topk_divergence(h, w, topk_ids_NRK.to(self.device).long(), teacher_topk_logp_NRK1.to(self.device),
                                         self.divergence, self.beta, self.skew, self.temperature, self.chunk,
                                         self.vocab_size, t=taid_t)
         elif sample_ids_NRS is not None:
-            kd = hidden_sampled_forward_kl(h, w, sample_ids_NRS.to(self.device), teacher_sample_logp_NRS.to(self.device),
+            kd = hidden_sampled_forward_kl(h, w, sample_ids_NRS.to(self.device).long(), teacher_sample_logp_NRS.to(self.device),
                                            teacher_sample_logw_NRS.to(self.device), self.temperature, self.chunk,
                                            self.vocab_size)
         return logp, entropy, kd

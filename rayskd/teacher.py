@@ -87,9 +87,10 @@ class TeacherScorer:
         k, s = self.cfg.top_k, self.cfg.sparse_samples
         logp = torch.zeros(N, R, dtype=torch.float32)
         kk = min(k, self.vocab_size)
-        top_ids = torch.zeros(N, R, kk, dtype=torch.long) if k > 0 else None
+        # ids as int32 (a third less payload than int64 for top-k; the learner widens them)
+        top_ids = torch.zeros(N, R, kk, dtype=torch.int32) if k > 0 else None
         top_lps = torch.zeros(N, R, kk + 1, dtype=torch.float32) if k > 0 else None
-        sampled = (torch.zeros(N, R, s, dtype=torch.long), torch.zeros(N, R, s), torch.zeros(N, R, s)) if s > 0 else None
+        sampled = (torch.zeros(N, R, s, dtype=torch.int32), torch.zeros(N, R, s), torch.zeros(N, R, s)) if s > 0 else None
         lengths = shard.prompt_len_N + shard.response_len_N
         for idx in micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_batch):
             fields = forward_fields(shard, idx)
@@ -99,7 +100,7 @@ class TeacherScorer:
             if k > 0:
                 lp, top_i, top_v = hidden_topk_logprobs(h, self.head, ids, k, self.cfg.temperature, SCORING_CHUNK,
                                                         self.vocab_size)
-                top_ids[idx, :r] = top_i.cpu()
+                top_ids[idx, :r] = top_i.to(torch.int32).cpu()
                 top_lps[idx, :r] = top_v.float().cpu()
             elif s > 0:
                 prompts, plens, responses, rlens = fields
