@@ -270,14 +270,19 @@ def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
 
 
 def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_dir: str | None = None,
-                   max_restarts: int = 0) -> ActorGroup:
-    """The teacher workers of `cfg` (a rayskd Config). A worker of one rank holds no state: Ray
+                   max_restarts: int = 0, golden: bool = False) -> ActorGroup:
+    """The teacher workers of `cfg` (a rayskd Config); `golden`: one worker of the golden model
+    (teacher.golden_path) with the teacher's settings. A worker of one rank holds no state: Ray
     restarts it (`max_restarts`) and re-runs its call. The ranks of a tensor-parallel worker
     share a process group that a restarted rank could not rejoin, so they are not restarted:
     a failure stops the run, which checkpoints first."""
+    import dataclasses
+
     from .teacher import TeacherScorer
 
     t, tp = cfg.teacher, cfg.teacher.tensor_parallel_size
+    if golden:
+        t = dataclasses.replace(t, path=t.golden_path, num_workers=1)
     masters: dict[int, tuple[str, int]] = {}
 
     def teacher_kwargs(i, pg):
@@ -289,6 +294,6 @@ def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
                     master_port=port)
 
     retries = max_restarts if tp == 1 else 0
-    return ActorGroup("teacher", TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
+    return ActorGroup("golden" if golden else "teacher", TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
                       resources=dict(t.resources), env_vars=env_vars, max_restarts=retries, task_retries=retries,
                       log_dir=log_dir, ranks_per_worker=tp)

@@ -99,6 +99,10 @@ class TeacherConfig:
     # sparse_temperature, with importance weights (estimator=sparse; losses/sparse.py)
     sparse_samples: int = 0
     sparse_temperature: float = 1.0
+    # the teacher-hacking monitor (arXiv 2502.02671): a golden model (path or model id), scored
+    # at each evaluation on the student's sampled evaluation responses beside this teacher; one
+    # worker with the teacher's settings (docs/algorithms.md, "Teacher hacking")
+    golden_path: Optional[str] = None
     # the teacher scores the student's tokens, rendered with the student's chat template: a
     # teacher whose own template renders a conversation differently is refused unless this is set
     allow_template_mismatch: bool = False
@@ -302,7 +306,7 @@ def requests_per_step(cfg: Config) -> int:
     return 0
 
 
-MODEL_KEYS = ("student.path", "teacher.path")
+MODEL_KEYS = ("student.path", "teacher.path", "teacher.golden_path")
 MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -313,7 +317,7 @@ def is_model_id(value: str) -> bool:
 
 
 PATH_KEYS = ("run.output_dir", "data.train_path", "data.eval_path", "student.path", "teacher.path",
-             "algorithm.rehearsal.data_path")
+             "teacher.golden_path", "algorithm.rehearsal.data_path")
 
 
 def first_line(e: Exception) -> str:
@@ -449,6 +453,11 @@ def validate(cfg: Config) -> None:
     _check(teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     _check(teacher.sparse_samples >= 0, "teacher.sparse_samples", "must be >= 0")
     _check(teacher.sparse_temperature > 0, "teacher.sparse_temperature", "must be > 0")
+    if teacher.golden_path:
+        _check(bool(cfg.data.eval_path), "teacher.golden_path",
+               "the golden model is scored on the evaluation's samples: set data.eval_path")
+        _check(cfg.run.eval_samples >= 1, "run.eval_samples",
+               "the golden model is scored on the evaluation's sampled responses: needs run.eval_samples >= 1")
     _check(teacher.top_k == 0 or teacher.sparse_samples == 0, "teacher.sparse_samples",
            "the teacher sends one distribution payload: its top-k (teacher.top_k) or ids drawn from it "
            "(teacher.sparse_samples), not both")

@@ -9,6 +9,11 @@ rewards give 1.0 to a correct answer); the teacher term's reward-guided mask use
 
 (1 when fewer than k samples fail). Sampled pass@1 is the mean solve rate of the samples;
 greedy accuracy is temperature-0 decoding, one response per problem.
+
+The teacher-hacking monitor (teacher.golden_path; Tiapkin et al., "On Teacher Hacking in
+Language Model Distillation", arXiv 2502.02671) scores the sampled responses with the teacher
+(the proxy) and a golden model, and logs KL(student || each) estimated on them (`sampled_kl`);
+`hacking_warning` says when the proxy divergence keeps falling while the golden one rises.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class EvalRows:
     sampled_reward: list[list[float]] = field(default_factory=list)
     sampled_len: list[list[int]] = field(default_factory=list)
     reward_errors: int = 0
+    samples: list = field(default_factory=list)  # the sampled responses (RolloutShards), when asked for
 
     def extend(self, other: "EvalRows") -> "EvalRows":
         self.greedy_reward += other.greedy_reward
@@ -44,6 +50,7 @@ class EvalRows:
         self.sampled_reward += other.sampled_reward
         self.sampled_len += other.sampled_len
         self.reward_errors += other.reward_errors
+        self.samples += other.samples
         return self
 
 
@@ -71,14 +78,46 @@ def format_eval(summary: dict) -> str:
     parts = [f"greedy {summary['greedy_accuracy']:.3f}"]
     parts += [f"{key} {value:.3f}" for key, value in summary.items() if key.startswith("pass@")]
     parts.append(f"len {summary['response_len_mean']:.1f}")
+    if summary.get("golden_kl") is not None:
+        parts.append(f"KL to teacher {summary['proxy_kl']:.4f}, to golden {summary['golden_kl']:.4f}")
     return " | ".join(parts)
 
 
-def evaluate_on(pool, dataset, run) -> dict:
+def sampled_kl(shards: list, scores: list) -> float:
+    """KL(student || model) per response token, estimated on the student's own sampled
+    responses: the mean over their tokens of log pi_student - log pi_model (k1; unbiased, the
+    samples being the student's). The student's log-probs are the engine's (the sampling
+    temperature), the model's as its scorer returns them (teacher.temperature)."""
+    total = tokens = 0.0
+    for shard, score in zip(shards, scores, strict=True):
+        mask = shard.response_mask_NR()
+        total += float(((shard.sampler_logp_NR - score.logp_NR) * mask).sum())
+        tokens += float(mask.sum())
+    return total / max(tokens, 1.0)
+
+
+def hacking_warning(history: list[dict], window: int = 3) -> str | None:
+    """The teacher-hacking sign over the last `window` evaluations' changes (`history`: eval.jsonl
+    rows with proxy_kl and golden_kl, in order): the divergence from the teacher fell at each
+    while the divergence from the golden model rose at each. None otherwise."""
+    rows = [r for r in history if r.get("golden_kl") is not None][-(window + 1):]
+    if len(rows) < window + 1:
+        return None
+    pairs = list(zip(rows, rows[1:]))
+    if all(b["proxy_kl"] < a["proxy_kl"] for a, b in pairs) and all(b["golden_kl"] > a["golden_kl"] for a, b in pairs):
+        return (f"teacher hacking? over the last {window} evaluations (steps {rows[0]['step']}-{rows[-1]['step']}) "
+                f"the divergence from the teacher fell ({rows[0]['proxy_kl']:.4f} -> {rows[-1]['proxy_kl']:.4f}) "
+                f"while the divergence from the golden model rose ({rows[0]['golden_kl']:.4f} -> "
+                f"{rows[-1]['golden_kl']:.4f})")
+    return None
+
+
+def evaluate_on(pool, dataset, run, scorers: dict | None = None) -> dict:
     """One evaluation of the model the rollout pool's engines serve: the first
     run.eval_max_prompts problems of `dataset` (0: all), greedy plus run.eval_samples samples
     each, summarised for run.eval_k; `eval_s` is its wall time. Training and `rayskd eval`
-    both evaluate through here."""
+    both evaluate through here. `scorers` ({"proxy": teacher group, "golden": golden group}):
+    the sampled responses scored by each, `<name>_kl` = `sampled_kl`."""
     import time
 
     import ray
@@ -89,9 +128,13 @@ def evaluate_on(pool, dataset, run) -> dict:
     n = len(dataset) if not run.eval_max_prompts else min(len(dataset), run.eval_max_prompts)
     rows = EvalRows()
     for part in ray.get(pool.run("evaluate", pool.split(prompt_batch(dataset, list(range(n)))), run.eval_samples,
-                                 what="evaluation")):
+                                 bool(scorers), what="evaluation")):
         rows.extend(part)
-    return {**summarize_eval(rows, run.eval_k), "eval_s": time.perf_counter() - t0}
+    out = summarize_eval(rows, run.eval_k)
+    for name, group in (scorers or {}).items():
+        refs = [group.call_worker(i % group.workers, "score", shard) for i, shard in enumerate(rows.samples)]
+        out[f"{name}_kl"] = sampled_kl(rows.samples, ray.get(refs))
+    return {**out, "eval_s": time.perf_counter() - t0}
 
 
 def resolve_target(target: str) -> tuple[str, str | None, int | None]:

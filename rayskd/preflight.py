@@ -152,6 +152,24 @@ def _load_tokenizer(key: str, path: str):
         raise UsageError(f"{key}: cannot load the tokenizer at {path}: {str(e).splitlines()[0]}") from None
 
 
+def _check_scorer(key: str, path: str, tensor_parallel: int, student_tok):
+    """A model that scores the student's token ids (the teacher, the golden model): it loads,
+    splits over `tensor_parallel` ranks, and its vocabulary and end-of-sequence id are the
+    student's. Returns its tokenizer."""
+    _check_model(key, path)
+    check_tensor_parallel("teacher.tensor_parallel_size", path, tensor_parallel, True)
+    tok = _load_tokenizer(key, path)
+    if student_tok.get_vocab() != tok.get_vocab():
+        s, t = student_tok.get_vocab(), tok.get_vocab()
+        diff = sorted(set(s.items()) ^ set(t.items()))[:3]
+        raise UsageError(f"{key}: its tokenizer differs from the student's ({len(s)} vs {len(t)} tokens; e.g. "
+                         f"{diff}): it must score the same token ids")
+    if student_tok.eos_token_id != tok.eos_token_id:
+        raise UsageError(f"{key}: end-of-sequence ids differ (student {student_tok.eos_token_id}, "
+                         f"this model {tok.eos_token_id})")
+    return tok
+
+
 def load_split(cfg: Config, path: str, tokenizer) -> PromptDataset:
     rows, malformed = read_rows(path, cfg.data.prompt_key, cfg.data.answer_key)
     return PromptDataset(rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template, cfg.data.system_prompt,
@@ -204,7 +222,7 @@ def resolve_models(cfg: Config) -> Config:
 
     for key in MODEL_KEYS:
         value = get_key(cfg, key)
-        if not is_model_id(value):
+        if not value or not is_model_id(value):
             continue
         from huggingface_hub import snapshot_download
 
@@ -250,18 +268,9 @@ def _check_inputs(cfg: Config, need_teacher: bool, need_rehearsal: bool, need_tr
     check_tensor_parallel("rollout.tensor_parallel_size", cfg.student.path, cfg.rollout.tensor_parallel_size, False)
     student_tok = _load_tokenizer("student.path", cfg.student.path)
     if need_teacher:
-        _check_model("teacher.path", cfg.teacher.path)
-        check_tensor_parallel("teacher.tensor_parallel_size", cfg.teacher.path, cfg.teacher.tensor_parallel_size, True)
-        teacher_tok = _load_tokenizer("teacher.path", cfg.teacher.path)
-        # the teacher scores the student's token ids: the vocabularies must be the same
-        if student_tok.get_vocab() != teacher_tok.get_vocab():
-            s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
-            diff = sorted(set(s.items()) ^ set(t.items()))[:3]
-            raise UsageError(f"teacher.path: the teacher's tokenizer differs from the student's ({len(s)} vs "
-                             f"{len(t)} tokens; e.g. {diff}): the teacher must score the same token ids")
-        if student_tok.eos_token_id != teacher_tok.eos_token_id:
-            raise UsageError(f"teacher.path: end-of-sequence ids differ (student {student_tok.eos_token_id}, "
-                             f"teacher {teacher_tok.eos_token_id})")
+        teacher_tok = _check_scorer("teacher.path", cfg.teacher.path, cfg.teacher.tensor_parallel_size, student_tok)
+        if cfg.teacher.golden_path:
+            _check_scorer("teacher.golden_path", cfg.teacher.golden_path, cfg.teacher.tensor_parallel_size, student_tok)
     if need_rehearsal and cfg.algorithm.rehearsal.coef > 0:
         _check_rehearsal(cfg)
     try:

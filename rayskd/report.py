@@ -1,7 +1,9 @@
 """`rayskd report RUN_DIR [RUN_DIR ...] --out FILE.png`: one picture comparing runs.
 
 Six panels, every run overlaid and labelled: training reward, held-out pass@1 and pass@k
-(the largest k evaluated; greedy accuracy, dotted, for runs evaluated without samples), teacher divergence, response length,
+(the largest k evaluated; greedy accuracy, dotted, for runs evaluated without samples), teacher
+divergence (with the teacher-hacking monitor's KL to the teacher and to the golden model at each
+evaluation, where a run has one), response length,
 policy entropy, and the mean seconds per step of each phase (generate, teacher scoring,
 learner update, weight sync) as grouped bars. Reads metrics.jsonl and eval.jsonl only.
 
@@ -95,6 +97,9 @@ def make_report(run_dirs: list[str], out: str) -> str:
         color = colors[i % len(colors)]
         for ax, key, _ in panels:
             _plot(ax, metrics, key, color, label, linewidth=1.4)
+        if all(any("golden_kl" in r for r in e) for e in evals):  # the teacher-hacking monitor's two curves
+            _plot(axes[0, 2], evals, "proxy_kl", color, f"{label} eval: to teacher", marker="o", linestyle="")
+            _plot(axes[0, 2], evals, "golden_kl", color, f"{label} eval: to golden", marker="^", linestyle="--")
         ax = axes[0, 1]
         if all(any("pass@1" in r for r in e) for e in evals):
             _plot(ax, evals, "pass@1", color, f"{label} pass@1", marker="o")

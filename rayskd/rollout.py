@@ -227,10 +227,11 @@ class RolloutEngine:
         shard = self.generate(prompts, step)
         return shard, summarize(shard)
 
-    def evaluate(self, prompts: PromptBatch, samples: int = 0) -> EvalRows:
+    def evaluate(self, prompts: PromptBatch, samples: int = 0, keep_samples: bool = False) -> EvalRows:
         """A greedy response to every prompt and, if `samples`, that many sampled ones (the
         rollout settings; seeded by the prompts, the same at every evaluation, so that evaluations
-        differ by the weights only): rewards and lengths, per prompt (evaluation.py)."""
+        differ by the weights only): rewards and lengths, per prompt (evaluation.py); with
+        `keep_samples`, the sampled responses themselves (the teacher-hacking monitor scores them)."""
         greedy = self.generate(prompts, step=0, greedy=True)
         rows = EvalRows(greedy.rewards_N.tolist(), greedy.response_len_N.tolist(),
                         reward_errors=greedy.stats.get("reward_errors", 0))
@@ -239,6 +240,7 @@ class RolloutEngine:
             rows.sampled_reward = sampled.rewards_N.view(-1, samples).tolist()
             rows.sampled_len = sampled.response_len_N.view(-1, samples).tolist()
             rows.reward_errors += sampled.stats.get("reward_errors", 0)
+            rows.samples = [sampled] if keep_samples else []
         return rows
 
     def child_pids(self) -> list[tuple[str, int, float]]:

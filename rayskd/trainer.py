@@ -20,7 +20,7 @@ from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
 from .batch import PromptBatch, batch_stats, prompt_batch
 from .config import Config, engines_sleep, requests_per_step, to_yaml
-from .evaluation import evaluate_on
+from .evaluation import evaluate_on, hacking_warning
 from .learner import StepMetrics, learner_shares, train_step_args
 from .losses import TaidState, coef_at
 from .metrics import MetricsLog, StepRecord
@@ -103,7 +103,7 @@ class Trainer:
         # TAID's t and its momentum: training state, in every checkpoint (None: another divergence)
         self.taid = TaidState(t=cfg.algorithm.kd.taid.t_start) if cfg.algorithm.kd.divergence == "taid" else None
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
-        self.rollout = self.teacher = self.learner = self.pipeline = None
+        self.rollout = self.teacher = self.learner = self.pipeline = self.golden = None
         self.stops = StopState()
         self.sleeps = engines_sleep(cfg)  # engines sleep while the learners train beside them
         self._started_ray = False
@@ -183,12 +183,15 @@ class Trainer:
         if 0 < cfg.rollout.gpus_per_worker < 1:  # sharing a GPU: vLLM measures the memory it may take
             ray.get(rollout.call("ready"))  # at start, so it starts before the others allocate theirs
         self.teacher = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES)
+        if cfg.teacher.golden_path:  # the teacher-hacking monitor's golden model
+            self.golden = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, golden=True)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
+        groups = [g for g in (rollout, self.teacher, self.golden, self.learner) if g is not None]
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
-            json.dump({g.name: g.nodes() for g in (rollout, self.teacher, self.learner)}, f, indent=1)
+            json.dump({g.name: g.nodes() for g in groups}, f, indent=1)
         self.rollout = RolloutPool(rollout, self.log.event, cfg.rollout.max_failures)
         self.rollout.use_weights(self._weight_sync())
-        ray.get(self.teacher.call("ready") + self.learner.call("ready"))
+        ray.get([ref for g in groups[1:] for ref in g.call("ready")])
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
         if self._started_ray:  # the actors' processes too (and what they started: vLLM's engine core)
             with open(os.path.join(run_dir, RAY_PROCESSES), "w") as f:
@@ -232,8 +235,9 @@ class Trainer:
             os.remove(leftovers)
             if killed:
                 self.log.event(f"stopped {killed} Ray processes a previous run in this directory left behind")
+        teachers = cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
         self._started_ray = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
-                                     + cfg.teacher.num_workers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
+                                     + teachers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
         if self._started_ray:
             with open(leftovers, "w") as f:
                 json.dump(ray_processes(), f)
@@ -427,8 +431,13 @@ class Trainer:
         run.eval_samples samples per problem, response length), logged to eval.jsonl."""
         if self.inputs.eval is None:
             return None
-        result = {"step": self.step_num, **evaluate_on(self.rollout, self.inputs.eval, self.cfg.run)}
+        scorers = {"proxy": self.teacher, "golden": self.golden} if self.golden is not None else None
+        result = {"step": self.step_num, **evaluate_on(self.rollout, self.inputs.eval, self.cfg.run, scorers)}
         self.log.log_eval(result)
+        if scorers:  # over every evaluation of the run, those before a resume included
+            with open(self.log.eval_path) as f:
+                if warning := hacking_warning([json.loads(line) for line in f if line.strip()]):
+                    self.log.event(warning)
         return result
 
     def fit(self) -> dict:
@@ -472,10 +481,10 @@ class Trainer:
             self.pipeline.shutdown()
         if self.rollout is not None:
             self.rollout.shutdown()
-        for group in (self.teacher, self.learner):
+        for group in (self.teacher, self.golden, self.learner):
             if group is not None:
                 group.kill()
-        self.rollout = self.teacher = self.learner = self.pipeline = None
+        self.rollout = self.teacher = self.golden = self.learner = self.pipeline = None
         if keep:
             return
         if self._started_ray:

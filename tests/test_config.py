@@ -91,6 +91,13 @@ def test_valid_combinations():
     with pytest.raises(ConfigError, match="without bias for that divergence only") as e:  # unbiased for forward KL
         load_config(DEMO, ["algorithm.kd.estimator=sparse", "teacher.sparse_samples=8"])
     assert e.value.key == "algorithm.kd.divergence"
+    # the teacher-hacking monitor: a golden model scored on the evaluation's sampled responses
+    cfg = load_config(DEMO, ["teacher.golden_path=demo_assets/student"])
+    assert cfg.teacher.golden_path == os.path.abspath("demo_assets/student")
+    for extra, key in ((["run.eval_samples=0"], "run.eval_samples"), (["data.eval_path=null"], "teacher.golden_path")):
+        with pytest.raises(ConfigError, match="golden model is scored on the evaluation") as e:
+            load_config(DEMO, ["teacher.golden_path=demo_assets/student", *extra])
+        assert e.value.key == key
     with pytest.raises(ConfigError, match="one distribution payload") as e:
         load_config(DEMO, ["algorithm.kd.estimator=topk", "teacher.top_k=8", "teacher.sparse_samples=8"])
     assert e.value.key == "teacher.sparse_samples"

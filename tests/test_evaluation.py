@@ -85,3 +85,43 @@ def test_report_draws_the_seeds_of_a_method_as_one_band(tmp_path):
             dirs.append(str(d))
     out = make_report(dirs, str(tmp_path / "r.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_monitors_divergence_is_the_reverse_kl_in_expectation():
+    """Issue 28.7: `sampled_kl` on the student's own samples, in exact expectation over every
+    one-token response (float64), is KL(student || model); over a longer response it is the sum
+    of the per-position KLs divided by the tokens. (A plausible mistake, the model's log-prob
+    minus the student's, gives -KL: caught.)"""
+    import torch
+
+    from rayskd.batch import RolloutShard, TeacherScores
+    from rayskd.evaluation import sampled_kl
+
+    g = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), -1)  # the student
+    log_p = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), -1)  # a model
+    expected = 0.0
+    for a in range(6):
+        shard = RolloutShard(torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), torch.tensor([[a]]),
+                             torch.tensor([1]), log_q[a].reshape(1, 1), torch.zeros(1), torch.zeros(1, dtype=torch.bool),
+                             torch.zeros(1, dtype=torch.long), 1, 0)
+        expected += float(log_q[a].exp()) * sampled_kl([shard], [TeacherScores(logp_NR=log_p[a].reshape(1, 1))])
+    kl = float((log_q.exp() * (log_q - log_p)).sum())
+    assert abs(expected - kl) < 1e-15 and kl > 0.1
+
+
+def test_the_teacher_hacking_warning():
+    """Said when, over the last 3 evaluations' changes, the divergence from the teacher fell at
+    each and the divergence from the golden model rose at each; not for a rise that stalls, a
+    teacher divergence that stops falling, or too few evaluations."""
+    from rayskd.evaluation import hacking_warning
+
+    def rows(proxy, golden):
+        return [{"step": 10 * i, "proxy_kl": p, "golden_kl": q} for i, (p, q) in enumerate(zip(proxy, golden))]
+
+    said = hacking_warning(rows([0.9, 0.5, 0.4, 0.3, 0.2], [0.5, 0.4, 0.45, 0.5, 0.6]))
+    assert said is not None and "steps 10-40" in said and "0.5000 -> 0.2000" in said and "0.4000 -> 0.6000" in said
+    assert hacking_warning(rows([0.5, 0.4, 0.3, 0.2], [0.4, 0.45, 0.45, 0.6])) is None  # golden stalled once
+    assert hacking_warning(rows([0.5, 0.4, 0.4, 0.2], [0.4, 0.45, 0.5, 0.6])) is None  # teacher stalled once
+    assert hacking_warning(rows([0.5, 0.4, 0.3], [0.4, 0.45, 0.5])) is None  # two changes only
+    assert hacking_warning([{"step": 0, "greedy_accuracy": 0.1}] * 5) is None  # no monitor
