@@ -152,6 +152,8 @@ class TeacherScores:
     sample_ids_NRS: torch.Tensor | None = None
     sample_logp_NRS: torch.Tensor | None = None
     sample_logw_NRS: torch.Tensor | None = None
+    # teacher.send_hidden: the teacher's final hidden state at each position (its dtype)
+    hidden_NRH: torch.Tensor | None = None
     nonfinite_N: torch.Tensor | None = None  # None: all finite
     worker: int = 0  # the teacher worker that scored it (for messages)
 
@@ -214,7 +216,8 @@ def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
             return None
         return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
 
-    tensors = ("logp_NR", "topk_ids_NRK", "topk_logp_NRK1", "sample_ids_NRS", "sample_logp_NRS", "sample_logw_NRS")
+    tensors = ("logp_NR", "topk_ids_NRK", "topk_logp_NRK1", "sample_ids_NRS", "sample_logp_NRS", "sample_logw_NRS",
+               "hidden_NRH")
     return TeacherScores(**{name: cat([getattr(s, name) for s in scores]) for name in tensors},
                          nonfinite_N=torch.cat([s.nonfinite() for s in scores]))
 

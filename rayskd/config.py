@@ -99,6 +99,9 @@ class TeacherConfig:
     # sparse_temperature, with importance weights (estimator=sparse; losses/sparse.py)
     sparse_samples: int = 0
     sparse_temperature: float = 1.0
+    # send the final hidden states (H values per token, the teacher's dtype) instead: the learner
+    # holds the teacher's LM head and takes the divergence over the whole vocabulary (estimator=full)
+    send_hidden: bool = False
     # the teacher-hacking monitor (arXiv 2502.02671): a golden model (path or model id), scored
     # at each evaluation on the student's sampled evaluation responses beside this teacher; one
     # worker with the teacher's settings (docs/algorithms.md, "Teacher hacking")
@@ -458,9 +461,10 @@ def validate(cfg: Config) -> None:
                "the golden model is scored on the evaluation's samples: set data.eval_path")
         _check(cfg.run.eval_samples >= 1, "run.eval_samples",
                "the golden model is scored on the evaluation's sampled responses: needs run.eval_samples >= 1")
-    _check(teacher.top_k == 0 or teacher.sparse_samples == 0, "teacher.sparse_samples",
-           "the teacher sends one distribution payload: its top-k (teacher.top_k) or ids drawn from it "
-           "(teacher.sparse_samples), not both")
+    _check(sum((teacher.top_k > 0, teacher.sparse_samples > 0, teacher.send_hidden)) <= 1, "teacher.sparse_samples"
+           if teacher.sparse_samples > 0 else "teacher.send_hidden",
+           "the teacher sends one distribution payload: its top-k (teacher.top_k), ids drawn from it "
+           "(teacher.sparse_samples) or its hidden states (teacher.send_hidden), not two")
     _check(teacher.micro_batch_size >= 1, "teacher.micro_batch_size", "must be >= 1")
     _check(teacher.max_tokens_per_batch >= 0, "teacher.max_tokens_per_batch", "must be >= 0 (0: micro_batch_size rows)")
     _check(teacher.temperature > 0, "teacher.temperature", "must be > 0")
@@ -557,6 +561,9 @@ def validate(cfg: Config) -> None:
         _check(kd.divergence == "forward_kl", "algorithm.kd.divergence",
                f"{kd.estimator} estimates KL(teacher || student) from the teacher's draws, without bias for that "
                f"divergence only: set forward_kl, not {kd.divergence}")
+    elif estimator.distribution and estimator.payload == "hidden":
+        _check(teacher.send_hidden, "teacher.send_hidden",
+               f"algorithm.kd.estimator={kd.estimator} needs the teacher's hidden states: teacher.send_hidden=true")
     elif estimator.distribution:
         _check(teacher.top_k >= 1, "teacher.top_k",
                f"algorithm.kd.estimator={kd.estimator} needs the teacher's distribution: teacher.top_k >= 1")

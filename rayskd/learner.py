@@ -20,7 +20,7 @@ from .losses import (
     TEACHER_ESTIMATORS, TeacherSignal, batch_normalisers, group_advantages, importance_weights, kd_sequence_mask,
     policy_gradient_term, rehearsal_loss, teacher_term,
 )
-from .modeling import PolicyModel, load_causal_lm, vocab_limit
+from .modeling import PolicyModel, load_causal_lm, load_output_head, vocab_limit
 from .weight_sync import WeightGroup, WeightLayout, pack, plan_layout, to_numpy
 
 
@@ -110,12 +110,18 @@ class LearnerSpec:
     max_new_tokens: int
     tokenizer_len: int
     seed: int
+    # a hidden-state teacher (teacher.send_hidden): its path (the learner holds its LM head) and
+    # the temperature its logits are taken at
+    teacher_head_path: str | None = None
+    teacher_temperature: float = 1.0
 
     @classmethod
     def from_config(cls, cfg, tokenizer_len: int) -> "LearnerSpec":
         return cls(model_path=cfg.student.path, cfg=cfg.learner, algo=cfg.algorithm,
                    sampling_temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                   tokenizer_len=tokenizer_len, seed=cfg.run.seed)
+                   tokenizer_len=tokenizer_len, seed=cfg.run.seed,
+                   teacher_head_path=cfg.teacher.path if cfg.teacher.send_hidden else None,
+                   teacher_temperature=cfg.teacher.temperature)
 
 
 # ---- an update in pieces: the share's micro-batches, each one's loss ----
@@ -138,8 +144,11 @@ class MicroBatch:
     sample_ids_NRS: torch.Tensor | None = None
     teacher_sample_logp_NRS: torch.Tensor | None = None
     teacher_sample_logw_NRS: torch.Tensor | None = None
+    teacher_hidden_NRH: torch.Tensor | None = None  # a hidden-state teacher's (teacher.send_hidden)
 
     def forward_kwargs(self) -> dict:
+        if self.teacher_hidden_NRH is not None:
+            return {"teacher_hidden_NRH": self.teacher_hidden_NRH, "taid_t": self.taid_t}
         if self.sample_ids_NRS is not None:
             return {"sample_ids_NRS": self.sample_ids_NRS, "teacher_sample_logp_NRS": self.teacher_sample_logp_NRS,
                     "teacher_sample_logw_NRS": self.teacher_sample_logw_NRS}
@@ -180,7 +189,7 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
             topk_ids_NRK=dist(teacher.topk_ids_NRK), teacher_topk_logp_NRK1=dist(teacher.topk_logp_NRK1),
             taid_t=share.taid_t, sample_ids_NRS=dist(teacher.sample_ids_NRS),
             teacher_sample_logp_NRS=dist(teacher.sample_logp_NRS),
-            teacher_sample_logw_NRS=dist(teacher.sample_logw_NRS)))
+            teacher_sample_logw_NRS=dist(teacher.sample_logw_NRS), teacher_hidden_NRH=dist(teacher.hidden_NRH)))
     return out
 
 
@@ -238,9 +247,11 @@ class Learner:
         self.model = model = load_causal_lm(spec.model_path, torch.float32, self.device)
         self.vocab_size = vocab_limit(spec.tokenizer_len, model)
         self.zero3 = cfg.zero_stage == 3
+        teacher_head = load_output_head(spec.teacher_head_path, self.device) if spec.teacher_head_path else None
         policy = PolicyModel(model, temperature=self.temperature, chunk=cfg.logprob_chunk, vocab_size=self.vocab_size,
                              device=self.device, zero3=self.zero3, divergence=algo.kd.divergence, beta=algo.kd.beta,
-                             skew=algo.kd.skew)
+                             skew=algo.kd.skew, teacher_head=teacher_head,
+                             teacher_temperature=spec.teacher_temperature)
         optimizer = deepspeed_setup.checked_optimizer(model.parameters(), cfg)
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)

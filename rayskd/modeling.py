@@ -3,6 +3,8 @@ compute per-response-token log-probs from hidden states, in chunks (never a full
 [batch, length, vocab] tensor)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .batch import sequences_for_forward
@@ -19,6 +21,30 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: str | torch.device = "
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model if "tp_plan" in kwargs else model.to(device)
+
+
+def load_output_head(path: str, device) -> torch.Tensor:
+    """The LM head [V, H] of the model at `path`, read from its safetensors files alone (a
+    hidden-state teacher's, held by each learner rank, frozen): the parameter the architecture
+    uses as its output embedding, found on a meta-device copy of the model, under whichever of
+    its names the checkpoint stores (a tied head is stored as the input embedding)."""
+    import glob
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    head = model.get_output_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head]
+    names += [n for n, p in model.named_parameters(remove_duplicate=False)
+              if p is model.get_input_embeddings().weight and n not in names]  # tied: either name
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, "pt") as f:
+            for name in names:
+                if name in f.keys():
+                    return f.get_tensor(name).to(device)
+    raise ValueError(f"{path}: no safetensors tensor named {' or '.join(names)} (its LM head)")
 
 
 def vocab_limit(tokenizer_len: int, model) -> int:
@@ -54,11 +80,15 @@ class PolicyModel(torch.nn.Module):
     module's external parameter (gathered for this forward and for its backward)."""
 
     def __init__(self, lm, *, temperature: float, chunk: int, vocab_size: int, device, zero3: bool,
-                 divergence: str = "reverse_kl", beta: float = 0.5, skew: float = 0.1):
+                 divergence: str = "reverse_kl", beta: float = 0.5, skew: float = 0.1,
+                 teacher_head: torch.Tensor | None = None, teacher_temperature: float = 1.0):
         super().__init__()
         self.lm = lm
         self.temperature, self.chunk, self.vocab_size, self.device = temperature, chunk, vocab_size, device
         self.divergence, self.beta, self.skew = divergence, beta, skew
+        # a hidden-state teacher's LM head: a plain tensor (frozen; neither a parameter nor a
+        # buffer, so DeepSpeed and the checkpoints leave it alone)
+        self.teacher_head, self.teacher_temperature = teacher_head, teacher_temperature
         if zero3:
             import deepspeed
 
@@ -66,11 +96,12 @@ class PolicyModel(torch.nn.Module):
 
     def forward(self, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, with_entropy: bool = False,
                 topk_ids_NRK=None, teacher_topk_logp_NRK1=None, taid_t: float = 1.0, sample_ids_NRS=None,
-                teacher_sample_logp_NRS=None, teacher_sample_logw_NRS=None):
+                teacher_sample_logp_NRS=None, teacher_sample_logw_NRS=None, teacher_hidden_NRH=None):
         """(logp [N, R], entropy [N, R] or None, the divergence to the teacher's distribution
-        [N, R] or None: on its top-k, or its draws' forward-KL estimate). `taid_t`: TAID's
-        interpolation this step (divergence taid)."""
-        from .losses import hidden_topk_divergence
+        [N, R] or None: on its top-k, its draws' forward-KL estimate, or over the whole
+        vocabulary from its hidden states). `taid_t`: TAID's interpolation this step (divergence
+        taid)."""
+        from .losses import hidden_full_divergence, hidden_topk_divergence
         from .losses.sparse import hidden_sampled_forward_kl
 
         h = response_hidden(self.lm, prompt_ids_NP, prompt_len_N, response_ids_NR, response_len_N, self.device)
@@ -82,6 +113,10 @@ class PolicyModel(torch.nn.Module):
         if topk_ids_NRK is not None:
             kd = hidden_topk_divergence(h, w, topk_ids_NRK.to(self.device).long(), teacher_topk_logp_NRK1.to(self.device),
                                         self.divergence, self.beta, self.skew, self.temperature, self.chunk,
+                                        self.vocab_size, t=taid_t)
+        elif teacher_hidden_NRH is not None:
+            kd = hidden_full_divergence(h, w, teacher_hidden_NRH.to(self.device), self.teacher_head, self.divergence,
+                                        self.beta, self.skew, self.temperature, self.teacher_temperature, self.chunk,
                                         self.vocab_size, t=taid_t)
         elif sample_ids_NRS is not None:
             kd = hidden_sampled_forward_kl(h, w, sample_ids_NRS.to(self.device).long(), teacher_sample_logp_NRS.to(self.device),

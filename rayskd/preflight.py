@@ -271,6 +271,9 @@ def _check_inputs(cfg: Config, need_teacher: bool, need_rehearsal: bool, need_tr
         teacher_tok = _check_scorer("teacher.path", cfg.teacher.path, cfg.teacher.tensor_parallel_size, student_tok)
         if cfg.teacher.golden_path:
             _check_scorer("teacher.golden_path", cfg.teacher.golden_path, cfg.teacher.tensor_parallel_size, student_tok)
+        if cfg.teacher.send_hidden and not checkpoint_shapes(cfg.teacher.path):
+            raise UsageError(f"teacher.send_hidden: each learner reads the teacher's LM head from its safetensors "
+                             f"files, and {cfg.teacher.path} has none")
     if need_rehearsal and cfg.algorithm.rehearsal.coef > 0:
         _check_rehearsal(cfg)
     try:

@@ -24,12 +24,13 @@ def teacher_dtype(name: str, device: str) -> torch.dtype:
 
 
 def finite_scores(logp_NR: torch.Tensor, top_ids, top_lps, mask_NR: torch.Tensor, worker: int,
-                  sampled: tuple | None = None) -> TeacherScores:
+                  sampled: tuple | None = None, hidden: torch.Tensor | None = None) -> TeacherScores:
     """The scores of a shard, with every sequence that has a non-finite value on a response token
     (a teacher with inf or NaN weights, an overflow) counted in `nonfinite_N` and zeroed: it is
     not trained on (learner.share_micro_batches), and one bad sequence never spoils a batch.
-    `sampled`: (ids, log-probs, log weights) of a sampled payload. Zeroes in place (score's own tensors)."""
-    per_position = [t for t in (top_lps, *(sampled[1:] if sampled else ())) if t is not None]
+    `sampled`: (ids, log-probs, log weights) of a sampled payload; `hidden`: the hidden states.
+    Zeroes in place (score's own tensors)."""
+    per_position = [t for t in (top_lps, *(sampled[1:] if sampled else ()), hidden) if t is not None]
     bad = ~torch.isfinite(logp_NR) & (mask_NR > 0)
     for t in per_position:
         bad |= ~torch.isfinite(t).all(-1) & (mask_NR > 0)
@@ -41,7 +42,7 @@ def finite_scores(logp_NR: torch.Tensor, top_ids, top_lps, mask_NR: torch.Tensor
             t[rows] = 0.0
     ids, lps, logw = sampled if sampled else (None, None, None)
     return TeacherScores(logp_NR=logp_NR, topk_ids_NRK=top_ids, topk_logp_NRK1=top_lps, sample_ids_NRS=ids,
-                         sample_logp_NRS=lps, sample_logw_NRS=logw,
+                         sample_logp_NRS=lps, sample_logw_NRS=logw, hidden_NRH=hidden,
                          nonfinite_N=nonfinite_N if bool(rows.any()) else None, worker=worker)
 
 
@@ -91,6 +92,7 @@ class TeacherScorer:
         top_ids = torch.zeros(N, R, kk, dtype=torch.int32) if k > 0 else None
         top_lps = torch.zeros(N, R, kk + 1, dtype=torch.float32) if k > 0 else None
         sampled = (torch.zeros(N, R, s, dtype=torch.int32), torch.zeros(N, R, s), torch.zeros(N, R, s)) if s > 0 else None
+        hidden = None  # [N, R, H] in the teacher's dtype (teacher.send_hidden)
         lengths = shard.prompt_len_N + shard.response_len_N
         for idx in micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_batch):
             fields = forward_fields(shard, idx)
@@ -112,7 +114,11 @@ class TeacherScorer:
                     out[idx, :r] = value.to(out.dtype).cpu()
             else:
                 lp = hidden_logprobs(h, self.head, ids, self.cfg.temperature, SCORING_CHUNK, self.vocab_size)
+                if self.cfg.send_hidden:
+                    if hidden is None:
+                        hidden = torch.zeros(N, R, h.shape[-1], dtype=h.dtype)
+                    hidden[idx, :r] = h.cpu()
             logp[idx, :r] = lp.float().cpu()
         if self.rank != 0:
             return None
-        return finite_scores(logp, top_ids, top_lps, shard.response_mask_NR(), self.worker, sampled)
+        return finite_scores(logp, top_ids, top_lps, shard.response_mask_NR(), self.worker, sampled, hidden)

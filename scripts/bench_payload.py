@@ -9,8 +9,10 @@ its TeacherScores, serialised as Ray serialises it (pickle protocol 5, tensors a
 response token: the bytes of that object divided by the shard's response positions (padding
 included: the tensors are [N, R, ...]). Signals: the sampled token's log-prob (k2, k3,
 k1_reward, minillm), the top-k ids + log-probs + tail (topk, minillm_topk; teacher.top_k = k),
-and N drawn ids + log-probs + log weights (sparse; teacher.sparse_samples = N). The full
-vocabulary's log-probs (V x 4 bytes) are given for scale, at the demo's V and at Qwen2.5's.
+N drawn ids + log-probs + log weights (sparse; teacher.sparse_samples = N), and the final
+hidden states (full; teacher.send_hidden: H values in the teacher's dtype, H = 256 for the
+demo's teacher). The full vocabulary's log-probs (V x 4 bytes) are given for scale, at the
+demo's V and at Qwen2.5's.
 """
 from __future__ import annotations
 
@@ -51,9 +53,11 @@ def main() -> int:
     signals = [("sampled_token", [])]
     signals += [(f"topk_{k}", [f"teacher.top_k={k}"]) for k in map(int, args.k.split(","))]
     signals += [(f"sparse_{n}", [f"teacher.sparse_samples={n}"]) for n in map(int, args.samples.split(","))]
+    signals += [(f"hidden_{dtype}", ["teacher.send_hidden=true", f"teacher.dtype={dtype}"])
+                for dtype in ("float32", "bfloat16")]
     out = {"shard": {"sequences": s.response_ids_NR.shape[0], "response_positions": positions}, "bytes_per_token": {}}
     for name, overrides in signals:
-        cfg = load_config(os.path.join(ROOT, "configs/demo.yaml"), [*overrides, "teacher.dtype=float32"])
+        cfg = load_config(os.path.join(ROOT, "configs/demo.yaml"), ["teacher.dtype=float32", *overrides])
         scores = TeacherScorer(cfg.teacher.path, cfg.teacher, 13).score(s)
         size = len(pickle.dumps(scores, protocol=5))
         out["bytes_per_token"][name] = round(size / positions, 2)

@@ -58,8 +58,10 @@ def test_real_shapes_train_push_and_resume(shape, demo_assets, tmp_path, no_left
     """A step, its weight push, a checkpoint; then a resume, the restored weights pushed and
     checked against the learner's, and a step on them. (The engines multiply by a packed copy of
     the tied LM head on CPU: this test found it stale after a push, 3.6e-2 off in log-prob.)
-    Qwen's learner is at ZeRO-2, Llama's at ZeRO-0, whose gradient norm rayskd's optimizer checks
-    and reports (DeepSpeed does not there: grad_norm > 0 below once failed at ZeRO-0).
+    Qwen's learner is at ZeRO-2, its teacher sending hidden states (the learner forms the teacher's
+    logits with its LM head: forward KL over the whole vocabulary, through a checkpoint and its
+    resume); Llama's at ZeRO-0, whose gradient norm rayskd's optimizer checks and reports
+    (DeepSpeed does not there: grad_norm > 0 below once failed at ZeRO-0).
     Llama's checkpoint is 4.6 GB with its Adam moments, 9.2 GB at the resume's own before the
     first is pruned: deleted at the end whatever happens."""
     import shutil
@@ -73,6 +75,8 @@ def test_real_shapes_train_push_and_resume(shape, demo_assets, tmp_path, no_left
              "run.keep_checkpoints=1"]
     if shape.startswith("llama"):  # ZeRO-0 (Qwen's at the demo's 2): ZeRO-2's flat copies of its 380M
         small.append("learner.zero_stage=0")  # parameters took a third of each step; and stage 0 is covered
+    else:  # a hidden-state teacher (issue 28.1): the learner holds its head, the divergence is over the vocabulary
+        small += ["algorithm.kd.estimator=full", "teacher.send_hidden=true", "algorithm.kd.divergence=forward_kl"]
     try:
         r = rayskd("train", "configs/demo.yaml", "run.steps=1", f"run.output_dir={run}", f"student.path={student}",
                    *small)

@@ -57,6 +57,7 @@ def test_overrides_and_read_only():
     ("algorithm.kd.estimator=minillm_topk", "teacher.top_k"),  # its single-step part needs the distribution
     ("algorithm.kd.minillm.gamma=1.5", "algorithm.kd.minillm.gamma"),
     ("algorithm.kd.estimator=sparse", "teacher.sparse_samples"),  # it reads the teacher's draws
+    ("algorithm.kd.estimator=full", "teacher.send_hidden"),  # it reads the teacher's hidden states
     ("teacher.sparse_samples=-1", "teacher.sparse_samples"),
     ("teacher.sparse_temperature=0", "teacher.sparse_temperature"),
     ("learner.zero_stage=4", "learner.zero_stage"),
@@ -101,6 +102,10 @@ def test_valid_combinations():
     with pytest.raises(ConfigError, match="one distribution payload") as e:
         load_config(DEMO, ["algorithm.kd.estimator=topk", "teacher.top_k=8", "teacher.sparse_samples=8"])
     assert e.value.key == "teacher.sparse_samples"
+    load_config(DEMO, ["algorithm.kd.estimator=full", "teacher.send_hidden=true", "algorithm.kd.divergence=js"])
+    with pytest.raises(ConfigError, match="one distribution payload") as e:
+        load_config(DEMO, ["algorithm.kd.estimator=full", "teacher.send_hidden=true", "teacher.top_k=8"])
+    assert e.value.key == "teacher.send_hidden"
     load_config(DEMO, ["algorithm.kd.estimator=k1_reward", "algorithm.advantage=dr_grpo",
                        "algorithm.aggregation=seq_mean_token_sum_norm", "rollout.gpus_per_worker=0.25"])
 

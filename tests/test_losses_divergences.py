@@ -226,3 +226,35 @@ def test_topk_tail_fp32_matches_float64_when_topk_mass_is_one(kind, teacher_tail
     torch.testing.assert_close(g32[len(ids):].sum().double(), tail_grad_ref, rtol=2e-3, atol=1e-7)
     if kind == "forward_kl" and student_tail == 1e-10:
         assert tail_grad_ref < -0.3  # the review measured 0 here (-0.38 expected)
+
+
+@pytest.mark.parametrize("kind,kw", CASES)
+def test_hidden_state_teacher_divergence_is_the_full_vocabulary_one(kind, kw):
+    """Issue 28.1: the divergence from a hidden-state teacher (its hidden states and LM head,
+    logits formed chunk by chunk) equals the explicit-loop full-vocabulary reference over the
+    tokenizer's rows, with each side at its own temperature; its gradients in the student's
+    hidden states and head equal the dense computation's, and the padded rows of both heads get
+    none. (A plausible mistake, the student's temperature applied to the teacher's logits too,
+    is caught by the reference.)"""
+    from rayskd.losses import hidden_full_divergence
+
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 3, 6, generator=g).requires_grad_(True)
+    w = torch.randn(V + 2, 6, generator=g).requires_grad_(True)  # two padded rows
+    th = torch.randn(2, 3, 5, generator=g)  # the teacher is 5 wide
+    tw = torch.randn(V + 3, 5, generator=g)
+    temperature, teacher_temperature = 0.8, 1.3
+    got = hidden_full_divergence(h, w, th, tw, kind, temperature=temperature, teacher_temperature=teacher_temperature,
+                                 chunk_size=4, vocab_size=V, **kw)
+    q = torch.softmax(h @ w[:V].t() / temperature, -1)
+    p = torch.softmax(th @ tw[:V].t() / teacher_temperature, -1)
+    ref = torch.stack([naive(p[i, j], q[i, j], kind, **kw) for i in range(2) for j in range(3)]).reshape(2, 3)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    g_got = torch.autograd.grad(got.sum(), (h, w))
+    g_ref = torch.autograd.grad(ref.sum(), (h, w))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert float(g_got[1][V:].abs().max()) == 0.0
+    wrong = torch.softmax(th @ tw[:V].t() / temperature, -1)  # the teacher at the student's temperature
+    off = torch.stack([naive(wrong[i, j], q[i, j], kind, **kw) for i in range(2) for j in range(3)]).reshape(2, 3)
+    assert float((off - got.detach()).abs().max()) > 1e-3

@@ -2,7 +2,8 @@
 
 policy.py      GRPO advantages, the clipped surrogate, aggregations and their normalisers
 estimators.py  Schulman's KL estimators (k1, k2, k3) and DPH-RL's f-divergence generators
-divergences.py divergences between two next-token distributions (full, or top-k + tail)
+divergences.py divergences between two next-token distributions (full, or top-k + tail; the full
+               one also from the teacher's hidden states and LM head)
 teacher.py     the teacher term's estimators, by config name (TEACHER_ESTIMATORS)
 objective.py   the terms of the objective, their importance weights and normalisers
 logprobs.py    chunked log-probs (and top-k) from logits or hidden states
@@ -11,7 +12,8 @@ minillm.py     MiniLLM's reward-to-go and the values of its estimators
 sparse.py      sampled sparse teacher targets: the teacher's draw, the learner's estimate
 """
 from .divergences import (
-    DISTRIBUTION_DIVERGENCES, DIVERGENCES, DivergenceParams, distribution_divergence, hidden_topk_divergence, topk_support,
+    DISTRIBUTION_DIVERGENCES, DIVERGENCES, DivergenceParams, distribution_divergence, hidden_full_divergence,
+    hidden_topk_divergence, topk_support,
 )
 from .estimators import F_DIVERGENCES, GENERATORS, f_divergence, kl_estimator
 from .logprobs import hidden_logprobs, hidden_topk_logprobs, token_logprobs
@@ -32,7 +34,7 @@ __all__ = [
     "ImportanceWeights", "TaidState",
     "TeacherEstimator", "TeacherSignal", "aggregate", "aggregate_denominator", "batch_normalisers", "clipped_surrogate",
     "coef_at", "distribution_divergence", "f_divergence", "group_advantages", "hidden_logprobs",
-    "hidden_topk_divergence", "hidden_topk_logprobs", "importance_weights", "kd_sequence_mask", "kl_estimator",
+    "hidden_full_divergence", "hidden_topk_divergence", "hidden_topk_logprobs", "importance_weights", "kd_sequence_mask", "kl_estimator",
     "policy_gradient_term", "policy_loss", "rehearsal_loss", "solved", "taid", "taid_target",
     "teacher_denominator", "teacher_term",
     "token_logprobs", "topk_support", "truncated_is_weights",

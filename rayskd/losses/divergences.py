@@ -222,3 +222,34 @@ def hidden_topk_divergence(
         args = (flat_h[sl], weight, flat_ids[sl], flat_t[sl])
         out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
     return torch.cat(out).reshape(lead)
+
+
+def hidden_full_divergence(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor,
+    kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, teacher_temperature: float = 1.0,
+    chunk_size: int = 1024, vocab_size: int | None = None, t: float = 1.0,
+) -> torch.Tensor:
+    """Per-position `distribution_divergence` over the whole vocabulary, from the student's
+    hidden states [..., H] and the teacher's final hidden states [..., H_T] with its LM head
+    [V_T, H_T] (a hidden-state teacher: it sends H_T values per token, the learner forms its
+    logits). Both sides' logits in fp32, `chunk_size` positions at a time, recomputed in backward
+    (checkpointed): no [positions, V] tensor beyond a chunk's. The student's logits at
+    `temperature`, the teacher's at `teacher_temperature`; `vocab_size` rows of both heads."""
+    from torch.utils.checkpoint import checkpoint
+
+    weight, teacher_weight = head_rows(lm_head_weight, vocab_size), head_rows(teacher_head_weight, vocab_size)
+    lead = hidden.shape[:-1]
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+
+    def chunk_fn(h, w, th, tw):
+        student = fp32_logits(h, w) / temperature
+        teacher = fp32_logits(th, tw) / teacher_temperature
+        return distribution_divergence(student, teacher, kind, beta=beta, skew=skew, t=t)
+
+    out = []
+    for start in range(0, flat_h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (flat_h[sl], weight, flat_t[sl], teacher_weight)
+        out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
+    return torch.cat(out).reshape(lead)

@@ -65,8 +65,8 @@ def topk(logp: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     plus a tail bucket (`divergences.topk_support`), computed in the student's forward."""
     if teacher.divergence_NR is None:
         raise ValueError("a distribution estimator needs the per-position divergence from the student's forward "
-                         "(the teacher's top-k distribution, teacher.top_k > 0, or its draws, "
-                         "teacher.sparse_samples > 0)")
+                         "(the teacher's top-k distribution, teacher.top_k > 0, its draws, "
+                         "teacher.sparse_samples > 0, or its hidden states, teacher.send_hidden)")
     return teacher.divergence_NR
 
 
@@ -97,8 +97,9 @@ class TeacherEstimator:
     sampled: bool  # reads the sampled token only: the caller weights it by the importance weight off-policy
     distribution: bool  # needs the teacher's distribution and the divergence in the student's forward
     about: str  # one line, for messages and the docs
-    # what of the teacher's distribution it reads: its top-k + tail (teacher.top_k), or ids it
-    # drew with their importance weights (teacher.sparse_samples)
+    # what of the teacher's distribution it reads: its top-k + tail (teacher.top_k), ids it drew
+    # with their importance weights (teacher.sparse_samples), or its final hidden states
+    # (teacher.send_hidden: the whole distribution, formed in the learner)
     payload: str = "topk"
 
 
@@ -115,6 +116,9 @@ TEACHER_ESTIMATORS = {
                                 about="MiniLLM: sequence-level reverse KL by policy gradient, from sampled tokens"),
     "minillm_topk": TeacherEstimator(minillm_topk, sampled=False, distribution=True,
                                      about="MiniLLM with its single-step part exact on the teacher's top-k + tail"),
+    "full": TeacherEstimator(topk, sampled=False, distribution=True, payload="hidden",
+                             about="algorithm.kd.divergence over the whole vocabulary, from the teacher's hidden "
+                                   "states and its LM head (held by the learner)"),
     "sparse": TeacherEstimator(sparse, sampled=False, distribution=True, payload="sampled",
                                about="forward KL on ids the teacher drew with importance weights (Sparse Logit "
                                      "Sampling): unbiased"),
