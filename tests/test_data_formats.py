@@ -84,46 +84,56 @@ def test_a_teacher_template_that_renders_differently_is_refused(chat_tokenizer, 
 @pytest.mark.slow
 def test_two_steps_on_a_parquet_dataset_of_chat_messages(demo_assets, tmp_path, monkeypatch, no_leftover_engines):
     """The demo's rows as chat messages in Parquet (verl's layout), through a chat template on
-    the demo student and teacher that renders them as the plain prompts: training sees the very
-    same token sequences as the plain JSONL run, so both runs' numbers agree step for step. The
-    plain run names its models by Hugging Face ids, resolved through the local cache to the
-    cached snapshots (issue 13.5: tests/test_model_ids.py), which the run's config.yaml keeps."""
+    the demo student and teacher that renders them as the plain prompts: the prompts tokenize to
+    the very same sequences as the plain JSONL rows (checked here, as the run loads them), and a
+    run trains on them, sampling the prompts a plain run would. Its models are named by Hugging
+    Face ids, resolved through the local cache to the cached snapshots (issue 13.5:
+    tests/test_model_ids.py), which the run's config.yaml keeps."""
     import shutil
 
     from transformers import AutoTokenizer
 
+    from rayskd.config import load_config
+    from rayskd.data.dataset import PromptSampler
+    from rayskd.preflight import load_split
     from test_model_ids import COMMIT, cache_with_demo_models
     from test_system import FAST, metrics, rayskd
 
     assets = demo_assets[0]
-    models = {}
+    models = tmp_path / "models"
     for role in ("student", "teacher"):
-        models[role] = tmp_path / role
-        shutil.copytree(os.path.join(assets, role), models[role])
-        tok = AutoTokenizer.from_pretrained(str(models[role]))
+        shutil.copytree(os.path.join(assets, role), models / role)
+        tok = AutoTokenizer.from_pretrained(str(models / role))
         tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
-        tok.save_pretrained(str(models[role]))
+        tok.save_pretrained(str(models / role))
     for split in ("train", "eval"):
         rows = [json.loads(line) for line in open(os.path.join(assets, f"{split}.jsonl"))]
         write(tmp_path / f"{split}.parquet", [{"prompt": [{"role": "user", "content": r["prompt"].removesuffix("=")}],
                                                "reward_model": {"ground_truth": r["answer"]}} for r in rows])
-    common = ["run.steps=2", "learner.world_size=1", *FAST]
-    chat = rayskd("train", "configs/demo.yaml", *common, f"run.output_dir={tmp_path / 'chat'}",
-                  f"student.path={models['student']}", f"teacher.path={models['teacher']}",
-                  f"data.train_path={tmp_path / 'train.parquet'}", f"data.eval_path={tmp_path / 'eval.parquet'}",
-                  "data.answer_key=reward_model.ground_truth")
-    assert chat.returncode == 0, chat.stdout[-3000:] + chat.stderr[-3000:]
+    chat_args = [f"data.train_path={tmp_path / 'train.parquet'}", f"data.eval_path={tmp_path / 'eval.parquet'}",
+                 "data.answer_key=reward_model.ground_truth"]
+    chat_cfg = load_config("configs/demo.yaml", chat_args)
+    chat = load_split(chat_cfg, chat_cfg.data.train_path, AutoTokenizer.from_pretrained(str(models / "student")))
+    plain_cfg = load_config("configs/demo.yaml", [])
+    plain = load_split(plain_cfg, plain_cfg.data.train_path, AutoTokenizer.from_pretrained(f"{assets}/student"))
+    assert chat.chat and not plain.chat and len(chat) == len(plain)
+    assert chat.prompt_ids == plain.prompt_ids  # the same token sequences
+    assert [r["answer"] for r in chat.rows] == [r["answer"] for r in plain.rows]
 
     cache = str(tmp_path / "hub")
-    cache_with_demo_models(assets, cache)
+    cache_with_demo_models(str(models), cache)
     monkeypatch.setenv("HF_HUB_CACHE", cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    plain = rayskd("train", "configs/demo.yaml", *common, f"run.output_dir={tmp_path / 'plain'}",
-                   "student.path=rayskd-test/demo-student", "teacher.path=rayskd-test/demo-teacher")
-    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
-    config = (tmp_path / "plain" / "config.yaml").read_text()
+    run = tmp_path / "run"
+    r = rayskd("train", "configs/demo.yaml", "run.steps=2", "learner.world_size=1", *FAST, f"run.output_dir={run}",
+               "student.path=rayskd-test/demo-student", "teacher.path=rayskd-test/demo-teacher", *chat_args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    config = (run / "config.yaml").read_text()
     assert os.path.join(cache, "models--rayskd-test--demo-student", "snapshots", COMMIT) in config
-    for a, b in zip(metrics(tmp_path / "chat"), metrics(tmp_path / "plain"), strict=True):
-        assert a["prompt_uids"] == b["prompt_uids"]
-        for key in ("reward_mean", "kd_divergence", "response_len_mean", "policy_loss", "sampler_mismatch_max"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    sampler = PromptSampler(len(plain), plain_cfg.run.seed)
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == [1, 2]
+    for m in rows:
+        assert m["prompt_uids"] == sorted(sampler.next(plain_cfg.algorithm.prompts_per_step))
+        assert m["kd_divergence"] > 0 and m["skipped_update"] is False and m["sampler_mismatch_max"] < 1e-3
+        assert 0.0 <= m["reward_mean"] <= 1.0 and m["reward_errors"] == 0  # the nested answers were read

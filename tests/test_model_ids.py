@@ -28,7 +28,7 @@ def test_model_ids_are_kept_and_paths_made_absolute():
 
 
 def test_a_model_id_in_no_cache_is_exit_2_before_anything_starts(demo_assets, tmp_path, monkeypatch):
-    """(A run from model ids in the cache: tests/test_data_formats.py, as the plain reference run.)"""
+    """(A run from model ids in the cache: tests/test_data_formats.py, its Parquet run.)"""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = rayskd("train", "configs/demo.yaml", f"run.output_dir={tmp_path / 'other'}",

@@ -96,20 +96,26 @@ def run_args(tmp_path, assets, stage: int, staleness: int) -> list[str]:
             f"algorithm.max_staleness={staleness}"]
 
 
-def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(demo_assets, tmp_path, no_leftover_engines):
-    """A run of 2 learner ranks at ZeRO-2, generating ahead (the checkpoint holds samples already
-    drawn for the next step, split into as many requests as the layout had), with TAID's t as
-    training state, killed with SIGKILL right after its step-2 checkpoint (the end of a pass over
-    the data): resumed as it was, every metric equals the uninterrupted run's, t included;
-    resumed on 3 learner ranks at ZeRO-3, 2 teachers and 2 rollout engines, it continues with
-    the same optimizer state and the same metrics to float tolerance."""
-    assets, _ = demo_assets
-    config = os.path.abspath("configs/demo.yaml")
-    args = run_args(tmp_path, assets, stage=2, staleness=1) + TAID
-
-    full = tmp_path / "full"
-    r = rayskd("train", config, *args, f"run.output_dir={full}")
+@pytest.fixture(scope="module")
+def uninterrupted(demo_assets, tmp_path_factory):
+    """The reference both tests compare with: 2 learner ranks at ZeRO-3, generating a step ahead,
+    TAID's t as training state, 4 steps uninterrupted. Returns (args, its run directory)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    args = run_args(tmp, demo_assets[0], stage=3, staleness=1) + TAID
+    full = tmp / "full"
+    r = rayskd("train", os.path.abspath("configs/demo.yaml"), *args, f"run.output_dir={full}")
     assert r.returncode == 0, r.stderr[-3000:]
+    return args, full
+
+
+def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(uninterrupted, tmp_path, no_leftover_engines):
+    """The run killed with SIGKILL right after its step-2 checkpoint (the end of a pass over the
+    data; the checkpoint holds samples already drawn for the next step, split into as many
+    requests as the layout had): resumed as it was, every metric equals the uninterrupted run's,
+    TAID's t included; resumed on 3 learner ranks at ZeRO-2, 2 teachers and 2 rollout engines, it
+    continues with the same optimizer state and the same metrics to float tolerance."""
+    config = os.path.abspath("configs/demo.yaml")
+    args, full = uninterrupted
     ts = [m.get("taid_t") for m in metrics(full)]
     # from t_start (the first update only records the term), then at least the linear floor
     assert ts[:2] == [0.4, 0.4] and all(a < b for a, b in zip(ts[1:], ts[2:])) and 0.85 - 1e-12 <= ts[-1] < 1, ts
@@ -130,7 +136,7 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(demo_assets,
             assert ma.get(key) == mb.get(key), (ma["step"], key, ma.get(key), mb.get(key))
 
     # another layout (test_elastic restores every rank count and stage at the learner)
-    r = rayskd("resume", str(other), "learner.world_size=3", "learner.zero_stage=3", "teacher.num_workers=2",
+    r = rayskd("resume", str(other), "learner.world_size=3", "learner.zero_stage=2", "teacher.num_workers=2",
                "rollout.num_workers=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 2" in r.stdout, r.stdout[-2000:]
@@ -140,7 +146,7 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(demo_assets,
         for key in DETERMINISTIC:
             assert close(ma.get(key), mc.get(key)), (ma["step"], key, ma.get(key), mc.get(key))
     written = json.load(open(other / "checkpoints" / "step_000004" / "learner" / "state.json"))
-    assert (written["world_size"], written["zero_stage"], written["step"]) == (3, 3, 4)
+    assert (written["world_size"], written["zero_stage"], written["step"]) == (3, 2, 4)
     # the optimizer state after two more updates: every master and moment as the original's
     ours, theirs = learner_tensors(other), learner_tensors(full)
     assert ours.keys() == theirs.keys()
@@ -157,26 +163,22 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(demo_assets,
     # tensors in safetensors, the rest JSON: nothing is unpickled on resume
     assert all(f.endswith((".safetensors", ".json")) for f in os.listdir(ck / "learner"))
     state = json.load(open(ck / "learner" / "state.json"))
-    assert (state["world_size"], state["zero_stage"], state["step"]) == (2, 2, 4)
+    assert (state["world_size"], state["zero_stage"], state["step"]) == (2, 3, 4)
     trainer_state = json.load(open(ck / "trainer.json"))
     sampler = trainer_state["sampler"]
     assert (sampler["epoch"], sampler["position"]) == (1, 48)  # two full passes; the next call starts pass 3
     assert trainer_state["taid"]["t"] >= ts[-1]  # (moved again by step 4's term: the t of step 5)
 
-    # a finished run: `train` into it is refused, `resume` extends it
+    # a finished run: `train` into it is refused (`resume` extends one: test_cluster.py and the
+    # real shapes in test_architectures.py resume finished runs with more steps)
     r = rayskd("train", config, *args, f"run.output_dir={full}")
     assert r.returncode == 2 and "rayskd resume" in r.stderr
-    r = rayskd("resume", str(full), "run.steps=5")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["step"] for m in metrics(full)] == [1, 2, 3, 4, 5]
 
 
-def test_a_learner_lost_at_zero3_heals_itself_exactly(demo_assets, tmp_path, no_leftover_engines):
-    """Issue 26.5 at ZeRO-3, strictly on-policy: a learner rank killed with SIGKILL right after
-    the step-2 checkpoint; the run restores its newest checkpoint in the same process (a ZeRO-3
-    restore, as `rayskd resume` does) and every metric equals the uninterrupted run's."""
-    args = run_args(tmp_path, demo_assets[0], stage=3, staleness=0)
-    full = tmp_path / "full"
-    r = rayskd("train", os.path.abspath("configs/demo.yaml"), *args, f"run.output_dir={full}")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_a_learner_lost_at_zero3_heals_itself_exactly(uninterrupted, tmp_path, no_leftover_engines):
+    """Issue 26.5 at ZeRO-3, generating a step ahead: a learner rank killed with SIGKILL right
+    after the step-2 checkpoint; the run restores its newest checkpoint in the same process (a
+    ZeRO-3 restore with the samples drawn ahead, as `rayskd resume` does) and every metric equals
+    the uninterrupted run's."""
+    args, full = uninterrupted
     learner_lost_after_checkpoint_heals_itself(args, tmp_path / "healed", metrics(full))

@@ -1,4 +1,4 @@
-"""Issue 12 end to end: a short demo run writes its evaluations (greedy, pass@1, pass@k) to
+"""Issue 12 end to end: a short demo run (the CLI's main path, two learner ranks) writes its evaluations (greedy, pass@1, pass@k) to
 eval.jsonl, the same scalars to TensorBoard and to W&B (offline), keeps the console to its own
 lines while each actor's output goes to RUN_DIR/logs/; `rayskd eval` judges the run's newest
 checkpoint and `rayskd report` draws it."""
@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from test_system import demo_paths, metrics, rayskd
+from test_system import REQUIRED, demo_paths, metrics, rayskd
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,41 @@ def tensorboard_scalars(log_dir):
 
 
 def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch, no_leftover_engines):
+    """Also the CLI's main path (KDRL, the demo's config) with two learner ranks. At lr 1e-3 an
+    update moves the student's probabilities by more than 1e-3, so the engine's and the
+    learner's log-probs agreeing within 1e-3 on each step's samples, drawn with the weights the
+    previous step pushed, says the push reached the engine. And the teacher-hacking monitor
+    (issue 28.7) with the initial student as its golden model: at step 0 the golden model's
+    divergence from the student, on the student's own sampled evaluation responses, is 0 (the
+    same model scored the very samples the engine drew), the teacher's is not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     assets, _ = demo_assets
     run = tmp_path / "run"
     monkeypatch.setenv("WANDB_MODE", "offline")
     r = rayskd("train", os.path.abspath("configs/demo.yaml"), *demo_paths(assets), "run.steps=4",
-               f"run.output_dir={run}", "learner.world_size=1", "run.eval_every=2", "run.eval_max_prompts=24",
-               "run.eval_samples=4", "run.eval_k=[1,2,4]", "run.wandb_project=rayskd-test", "run.checkpoint_every=2")
+               f"run.output_dir={run}", "learner.world_size=2", "learner.lr=1e-3", "run.eval_every=2",
+               "run.eval_max_prompts=24", "run.eval_samples=4", "run.eval_k=[1,2,4]", "run.wandb_project=rayskd-test",
+               "run.checkpoint_every=2", f"teacher.golden_path={assets}/student",
+               "teacher.dtype=float32")  # (the golden model scores as the fp32 engine samples: 0 at step 0)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    # every step sampled the newest weights, the engine agreeing with the learner on them
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert [m["weights_version_sampled"] for m in rows] == [0, 1, 2, 3]
+    for m in rows:
+        assert REQUIRED <= set(m), REQUIRED - set(m)
+        assert m["kd_divergence"] > 0 and m["skipped_update"] is False and m["sampler_mismatch_max"] < 1e-3
+    assert (run / "config.yaml").exists()
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final"))  # the exported student loads
+    start = AutoModelForCausalLM.from_pretrained(os.path.join(assets, "student"))
+    seq = torch.tensor([[0, 7, 10, 4, 5, 11, 0, 9, 7]])
+    with torch.no_grad():
+        moved = (final(seq).logits.softmax(-1) - start(seq).logits.softmax(-1)).abs().max()
+    assert float(moved) > 1e-3  # the updates moved the student: a push that missed the engine would show
+    assert "held-out accuracy" in r.stdout
 
     # evaluations before training and every 2 steps, with pass@k ordered as it must be
     evals = read_jsonl(run / "eval.jsonl")
@@ -45,6 +73,10 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
         assert e["response_len_mean"] > 0
     assert [m["eval_accuracy"] for m in metrics(run) if "eval_accuracy" in m] == \
         [e["greedy_accuracy"] for e in evals[1:]]
+    # the monitor: KL(student || teacher) and KL(student || golden) on the sampled responses
+    assert abs(evals[0]["golden_kl"]) < 1e-3 and evals[0]["proxy_kl"] > 0.01, evals[0]
+    assert all(isinstance(e["golden_kl"], float) for e in evals)
+    assert "KL to teacher" in r.stdout and json.load(open(run / "placement.json"))["golden"]
 
     # TensorBoard: the same numbers at the same steps
     tb = tensorboard_scalars(run / "tensorboard")
@@ -59,7 +91,7 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
     repeated = [line for line, n in Counter(out + r.stderr.splitlines()).items() if n > 1 and line.strip()]
     assert not repeated, repeated
     assert "RotaryEmbedding" not in r.stdout + r.stderr and "pid=" not in r.stdout + r.stderr
-    for name in ("rollout_0", "teacher_0", "learner_0"):
+    for name in ("rollout_0", "teacher_0", "golden_0", "learner_0", "learner_1"):
         assert (run / "logs" / f"{name}.log").stat().st_size > 0, name
 
     # `rayskd eval RUN_DIR`: the newest checkpoint, on the run's rollout settings
