@@ -70,7 +70,7 @@ LONGEST_FIRST = ("test_resume.py", "test_architectures.py", "test_failures.py", 
 
 def pytest_collection_modifyitems(config, items):
     if "methods" not in (config.option.markexpr or ""):  # minutes of start-ups: asked for by name only
-        skip = pytest.mark.skip(reason="every README method trained 2 steps: ./scripts/test.sh -m methods")
+        skip = pytest.mark.skip(reason="every README method trained 2 steps: ./scripts/test.sh -m methods --dist load")
         for item in items:
             if item.get_closest_marker("methods") is not None:
                 item.add_marker(skip)

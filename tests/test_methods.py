@@ -1,6 +1,6 @@
 """Issue 28.8: the README's methods table, row by row. Every row's overrides make a valid
 config on configs/demo.yaml and every teacher estimator and divergence rayskd offers has a row
-(in every test run); each row trains 2 steps on the demo (`./scripts/test.sh -m methods`:
+(in every test run); each row trains 2 steps on the demo (`./scripts/test.sh -m methods --dist load`:
 ~45 s of CPU per row for the start-up alone, so not in the default run)."""
 import os
 import re
