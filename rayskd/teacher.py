@@ -1,7 +1,8 @@
 """Teacher scorer: a plain class over a frozen causal LM. One forward pass over prompt +
-response returns the teacher's log-prob of every sampled token (and the top-k distribution, or
-ids drawn from it with importance weights, when the estimator needs it), with a chunked log-softmax (not vLLM prompt_logprobs, which
-measured 1.7x slower, 7.9x with top-20)."""
+response returns the teacher's log-prob of every sampled token (and, when the estimator needs
+it, the top-k distribution, ids drawn from it with importance weights, or the final hidden
+states), with a chunked log-softmax (not vLLM prompt_logprobs, which measured 1.7x slower,
+7.9x with top-20)."""
 from __future__ import annotations
 
 import os

@@ -194,6 +194,19 @@ def distribution_divergence(
     return fn(log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR), DivergenceParams(beta, skew, t))
 
 
+def checkpointed_chunks(chunk_fn, rows: tuple, shared: tuple, chunk_size: int) -> torch.Tensor:
+    """`chunk_fn(*row_chunks, *shared)` over `chunk_size` rows of every tensor in `rows` at a time
+    (each [positions, ...]), concatenated. With gradients each chunk is recomputed in backward
+    (checkpointed), so at most one chunk's [rows, V] logits exist at a time, forward or backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for start in range(0, rows[0].shape[0], chunk_size):
+        args = (*(t[start:start + chunk_size] for t in rows), *shared)
+        out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
+    return torch.cat(out)
+
+
 def hidden_topk_divergence(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_logp: torch.Tensor,
     kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, chunk_size: int = 1024,
@@ -204,24 +217,13 @@ def hidden_topk_divergence(
     recomputed in backward (checkpointed), never as one [positions, V] fp32 tensor. The
     logits are formed in fp32 whatever the model's dtype. `teacher_topk_logp` [..., k+1]
     ends with the teacher's tail log-mass."""
-    from torch.utils.checkpoint import checkpoint
-
-    weight = head_rows(lm_head_weight, vocab_size)
-    lead = topk_ids.shape[:-1]
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_ids = topk_ids.reshape(-1, topk_ids.shape[-1])
-    flat_t = teacher_topk_logp.reshape(-1, teacher_topk_logp.shape[-1])
-
-    def chunk_fn(h, w, ids, teacher):
+    def chunk_fn(h, ids, teacher, w):
         return distribution_divergence(fp32_logits(h, w), teacher, kind, beta=beta, temperature=temperature, skew=skew,
                                        topk_ids=ids, t=t)
 
-    out = []
-    for start in range(0, flat_ids.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (flat_h[sl], weight, flat_ids[sl], flat_t[sl])
-        out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
-    return torch.cat(out).reshape(lead)
+    rows = tuple(x.reshape(-1, x.shape[-1]) for x in (hidden, topk_ids, teacher_topk_logp))
+    return checkpointed_chunks(chunk_fn, rows, (head_rows(lm_head_weight, vocab_size),),
+                               chunk_size).reshape(topk_ids.shape[:-1])
 
 
 def hidden_full_divergence(
@@ -235,21 +237,11 @@ def hidden_full_divergence(
     logits). Both sides' logits in fp32, `chunk_size` positions at a time, recomputed in backward
     (checkpointed): no [positions, V] tensor beyond a chunk's. The student's logits at
     `temperature`, the teacher's at `teacher_temperature`; `vocab_size` rows of both heads."""
-    from torch.utils.checkpoint import checkpoint
-
-    weight, teacher_weight = head_rows(lm_head_weight, vocab_size), head_rows(teacher_head_weight, vocab_size)
-    lead = hidden.shape[:-1]
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-
-    def chunk_fn(h, w, th, tw):
+    def chunk_fn(h, th, w, tw):
         student = fp32_logits(h, w) / temperature
         teacher = fp32_logits(th, tw) / teacher_temperature
         return distribution_divergence(student, teacher, kind, beta=beta, skew=skew, t=t)
 
-    out = []
-    for start in range(0, flat_h.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (flat_h[sl], weight, flat_t[sl], teacher_weight)
-        out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
-    return torch.cat(out).reshape(lead)
+    rows = tuple(x.reshape(-1, x.shape[-1]) for x in (hidden, teacher_hidden))
+    heads = (head_rows(lm_head_weight, vocab_size), head_rows(teacher_head_weight, vocab_size))
+    return checkpointed_chunks(chunk_fn, rows, heads, chunk_size).reshape(hidden.shape[:-1])

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from torch.utils.checkpoint import checkpoint
-
-from .divergences import fp32_logits, head_rows
+from .divergences import checkpointed_chunks, fp32_logits, head_rows
 
 
 def proposal(teacher_logp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -110,19 +108,11 @@ def hidden_sampled_forward_kl(hidden: torch.Tensor, lm_head_weight: torch.Tensor
     states [..., H] and the teacher's draws (ids, log P_T and log weights, each [..., N]), the
     student's log-probs at `temperature` formed `chunk_size` positions at a time in fp32 and
     recomputed in backward (checkpointed), as `divergences.hidden_topk_divergence`."""
-    weight = head_rows(lm_head_weight, vocab_size)
-    lead, n = ids.shape[:-1], ids.shape[-1]
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat = [t.reshape(-1, n) for t in (ids, teacher_logp_ids, teacher_logw)]
-
-    def chunk_fn(h, w, x, t_lp, t_logw):
+    def chunk_fn(h, x, t_lp, t_logw, w):
         z = fp32_logits(h, w)
         return sparse_forward_kl(torch.log_softmax(z / temperature if temperature != 1.0 else z, -1), x, t_logw.exp(),
                                  t_lp)
 
-    out = []
-    for start in range(0, flat_h.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (flat_h[sl], weight, *(t[sl] for t in flat))
-        out.append(checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args))
-    return torch.cat(out).reshape(lead)
+    rows = tuple(t.reshape(-1, t.shape[-1]) for t in (hidden, ids, teacher_logp_ids, teacher_logw))
+    return checkpointed_chunks(chunk_fn, rows, (head_rows(lm_head_weight, vocab_size),),
+                               chunk_size).reshape(ids.shape[:-1])
