@@ -270,9 +270,10 @@ def start_learners(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
 
 
 def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_dir: str | None = None,
-                   max_restarts: int = 0, golden: bool = False) -> ActorGroup:
-    """The teacher workers of `cfg` (a rayskd Config); `golden`: one worker of the golden model
-    (teacher.golden_path) with the teacher's settings. A worker of one rank holds no state: Ray
+                   max_restarts: int = 0, golden: bool = False, index: int = 0) -> ActorGroup:
+    """The workers of teacher `index` of `cfg` (a rayskd Config: 0 is teacher.path, i is
+    teacher.others[i - 1]); `golden`: one worker of the golden model (teacher.golden_path) with
+    the teacher's settings. A worker of one rank holds no state: Ray
     restarts it (`max_restarts`) and re-runs its call. The ranks of a tensor-parallel worker
     share a process group that a restarted rank could not rejoin, so they are not restarted:
     a failure stops the run, which checkpoints first."""
@@ -283,6 +284,8 @@ def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
     t, tp = cfg.teacher, cfg.teacher.tensor_parallel_size
     if golden:
         t = dataclasses.replace(t, path=t.golden_path, num_workers=1)
+    elif index:
+        t = dataclasses.replace(t, path=t.others[index - 1])
     masters: dict[int, tuple[str, int]] = {}
 
     def teacher_kwargs(i, pg):
@@ -291,9 +294,10 @@ def start_teachers(cfg, tokenizer_len: int, env_vars: dict | None = None, log_di
             masters[first] = rendezvous_address(pg, first)
         addr, port = masters.get(first, (None, None))
         return dict(model_path=t.path, cfg=t, tokenizer_len=tokenizer_len, rank=rank, worker=i // tp, master_addr=addr,
-                    master_port=port)
+                    master_port=port, teacher=index)
 
     retries = max_restarts if tp == 1 else 0
-    return ActorGroup("golden" if golden else "teacher", TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
+    name = "golden" if golden else f"teacher{index}" if index else "teacher"
+    return ActorGroup(name, TeacherScorer, t.num_workers * tp, 1, t.gpus_per_worker / tp, teacher_kwargs,
                       resources=dict(t.resources), env_vars=env_vars, max_restarts=retries, task_retries=retries,
                       log_dir=log_dir, ranks_per_worker=tp)

@@ -135,8 +135,21 @@ class LearnerShare:
     kd_denominator: float
     kd_mask: list  # 0/1 per sequence of the share's shards, in order (`losses.kd_sequence_mask`)
     shards: list  # ray ObjectRefs of RolloutShard, contiguous groups
-    scores: list  # ray ObjectRefs of TeacherScores, one per shard
+    scores: list  # ray ObjectRefs of TeacherScores: per shard, one per teacher that scored it
     taid_t: float = 1.0  # TAID's interpolation for this step (algorithm.kd.divergence=taid)
+    # several teachers: how many of `scores` belong to each shard (None: one each), how they
+    # combine (teacher.combine) and each teacher's coefficient (config.teacher_coefs)
+    score_parts: list | None = None
+    combine: str = "route"
+    teacher_coefs: tuple = (1.0,)
+
+    def scores_by_shard(self, scores: list) -> list[list]:
+        """`scores` (this share's, flat, as fetched) grouped by shard."""
+        counts, out, i = self.score_parts or [1] * len(self.shards), [], 0
+        for c in counts:
+            out.append(list(scores[i:i + c]))
+            i += c
+        return out
 
 
 @dataclass
@@ -156,6 +169,13 @@ class TeacherScores:
     hidden_NRH: torch.Tensor | None = None
     nonfinite_N: torch.Tensor | None = None  # None: all finite
     worker: int = 0  # the teacher worker that scored it (for messages)
+    # several teachers (teacher.others): the teacher that scored these, and the shard's rows they
+    # are (None: all, in order); once combined (`combine_scores`), each row's teacher (route) or
+    # each teacher's log-probs [T, N, R] (ensemble: logp_NR is then the mixture's)
+    teacher: int = 0
+    rows_N: torch.Tensor | None = None
+    teacher_N: torch.Tensor | None = None
+    teacher_logp_TNR: torch.Tensor | None = None
 
     def nonfinite(self) -> torch.Tensor:
         """[N] count of response tokens the teacher gave a non-finite value."""
@@ -210,16 +230,60 @@ def select_rows(shard: RolloutShard, idx: torch.Tensor) -> RolloutShard:
                         weights_version=shard.weights_version, stats=dict(shard.stats))
 
 
+SCORE_TENSORS = ("logp_NR", "topk_ids_NRK", "topk_logp_NRK1", "sample_ids_NRS", "sample_logp_NRS", "sample_logw_NRS",
+                 "hidden_NRH")
+
+
+def _pad_width(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """`t` right-padded with zeros to `width` along `dim` (its response positions)."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - dim - 1) + (0, width - t.shape[dim]))
+
+
 def concat_scores(scores: list[TeacherScores], width: int) -> TeacherScores:
-    def cat(ts):
+    def cat(ts, rows=0):  # along the rows, each padded to `width` positions (the dimension after them)
         if ts[0] is None:
             return None
-        return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in ts])
+        return torch.cat([_pad_width(t, width, rows + 1) for t in ts], rows)
 
-    tensors = ("logp_NR", "topk_ids_NRK", "topk_logp_NRK1", "sample_ids_NRS", "sample_logp_NRS", "sample_logw_NRS",
-               "hidden_NRH")
-    return TeacherScores(**{name: cat([getattr(s, name) for s in scores]) for name in tensors},
-                         nonfinite_N=torch.cat([s.nonfinite() for s in scores]))
+    return TeacherScores(**{name: cat([getattr(s, name) for s in scores]) for name in SCORE_TENSORS},
+                         nonfinite_N=torch.cat([s.nonfinite() for s in scores]),
+                         teacher_N=torch.cat([s.teacher_N for s in scores]) if scores[0].teacher_N is not None else None,
+                         teacher_logp_TNR=cat([s.teacher_logp_TNR for s in scores], rows=1))
+
+
+def combine_scores(parts: list[TeacherScores], rows: int, combine: str, coefs: list[float]) -> TeacherScores:
+    """One shard's scores from its teachers' (docs/algorithms.md, "Several teachers"). route:
+    each part scored some of the `rows` sequences (`rows_N`), and goes back to them, with each
+    row's teacher in `teacher_N`. ensemble: every part scored every row, and the target is the
+    mixture sum_i w_i pi_i (`coefs`: the weights w, summing to 1): its log-prob of a sampled token
+    is logsumexp_i(log w_i + log pi_i), exact; each teacher's log-probs stay in `teacher_logp_TNR`
+    (for its own divergence metric). A row is non-finite when any of its teachers' is."""
+    if len(parts) == 1 and parts[0].rows_N is None:
+        return parts[0]
+    width = max(p.logp_NR.shape[1] for p in parts)
+    if combine == "ensemble":
+        parts = sorted(parts, key=lambda p: p.teacher)
+        logp_TNR = torch.stack([_pad_width(p.logp_NR, width) for p in parts])
+        log_w = torch.tensor([coefs[p.teacher] for p in parts], dtype=logp_TNR.dtype).log()
+        nonfinite = sum(p.nonfinite() for p in parts)
+        return TeacherScores(logp_NR=torch.logsumexp(logp_TNR + log_w[:, None, None], 0), teacher_logp_TNR=logp_TNR,
+                             nonfinite_N=nonfinite if bool((nonfinite > 0).any()) else None,
+                             worker=next((p.worker for p in parts if p.nonfinite_N is not None), 0))
+    out: dict = {}
+    teacher_N, nonfinite = torch.full((rows,), -1, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    for p in parts:
+        idx = p.rows_N if p.rows_N is not None else torch.arange(rows)
+        for name in SCORE_TENSORS:
+            t = getattr(p, name)
+            if t is not None:
+                if name not in out:
+                    out[name] = t.new_zeros((rows, width, *t.shape[2:]))
+                out[name][idx, :t.shape[1]] = t
+        teacher_N[idx], nonfinite[idx] = p.teacher, p.nonfinite()
+    if bool((teacher_N < 0).any()):
+        raise ValueError(f"rows {(teacher_N < 0).nonzero().flatten().tolist()} of a shard have no teacher's scores")
+    return TeacherScores(**out, teacher_N=teacher_N, nonfinite_N=nonfinite if bool((nonfinite > 0).any()) else None,
+                         worker=next((p.worker for p in parts if p.nonfinite_N is not None), 0))
 
 
 def micro_batches(seq_len_N: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:

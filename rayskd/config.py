@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -106,6 +106,17 @@ class TeacherConfig:
     # at each evaluation on the student's sampled evaluation responses beside this teacher; one
     # worker with the teacher's settings (docs/algorithms.md, "Teacher hacking")
     golden_path: Optional[str] = None
+    # several teachers (docs/algorithms.md, "Several teachers"): more teachers' paths (or model
+    # ids), each its own pool of num_workers workers with these settings; teacher i + 1 is others[i]
+    others: List[str] = field(default_factory=list)
+    # route: each prompt's data field `route_field` names its one teacher (by index or by name);
+    # ensemble: every sequence is scored by all, the target the mixture sum_i w_i pi_i
+    combine: str = "route"
+    route_field: str = ""
+    names: List[str] = field(default_factory=list)  # a name per teacher, for metrics (default 0, 1, ...)
+    # per-teacher coefficient (default 1 each): route: on the teacher term of the prompts it
+    # scores; ensemble: the mixture weights w_i, normalised to sum 1
+    coefs: List[float] = field(default_factory=list)
     # the teacher scores the student's tokens, rendered with the student's chat template: a
     # teacher whose own template renders a conversation differently is refused unless this is set
     allow_template_mismatch: bool = False
@@ -291,7 +302,8 @@ def engines_sleep(cfg: Config) -> bool:
 
 def gpus_asked(cfg: Config) -> float:
     """The GPUs a run's actors ask Ray for, all roles together."""
-    return (cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + cfg.teacher.num_workers * cfg.teacher.gpus_per_worker
+    teachers = (1 + len(cfg.teacher.others)) * cfg.teacher.num_workers
+    return (cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + teachers * cfg.teacher.gpus_per_worker
             + cfg.learner.world_size * cfg.learner.gpus_per_worker)
 
 
@@ -358,6 +370,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         value = get_key(cfg, key)
         if value and not (key in MODEL_KEYS and is_model_id(value)):
             cfg = _replace(cfg, key, os.path.abspath(os.path.expanduser(value)))
+    others = [v if is_model_id(v) else os.path.abspath(os.path.expanduser(v)) for v in cfg.teacher.others]
+    cfg = _replace(cfg, "teacher.others", others)
     validate(cfg)
     return cfg
 
@@ -405,6 +419,49 @@ def _check(ok: bool, key: str, message: str) -> None:
 def _gpus(key: str, value: float) -> None:
     _check(value >= 0, key, f"must be >= 0, got {value}")
     _check(value <= 1 or float(value).is_integer(), key, f"above 1 must be a whole number of GPUs, got {value}")
+
+
+def teacher_paths(cfg: Config) -> list[str]:
+    """Every teacher's path: teacher.path, then teacher.others."""
+    return [cfg.teacher.path, *cfg.teacher.others]
+
+
+def teacher_names(cfg: Config) -> list[str]:
+    return list(cfg.teacher.names) or [str(i) for i in range(1 + len(cfg.teacher.others))]
+
+
+def teacher_coefs(cfg: Config) -> list[float]:
+    """Per-teacher coefficients; for an ensemble the mixture weights, normalised."""
+    coefs = list(cfg.teacher.coefs) or [1.0] * (1 + len(cfg.teacher.others))
+    return [c / sum(coefs) for c in coefs] if cfg.teacher.combine == "ensemble" else coefs
+
+
+def _check_teachers(teacher: TeacherConfig, kd) -> None:
+    count = 1 + len(teacher.others)
+    _choice("teacher.combine", teacher.combine, ("route", "ensemble"))
+    for key, values in (("teacher.names", teacher.names), ("teacher.coefs", teacher.coefs)):
+        _check(not values or len(values) == count, key,
+               f"one per teacher (teacher.path and {len(teacher.others)} in teacher.others): {count}, got {len(values)}")
+    _check(len(set(teacher.names)) == len(teacher.names), "teacher.names", "must be distinct")
+    _check(all(c >= 0 for c in teacher.coefs), "teacher.coefs", "must be >= 0")
+    if count == 1:
+        _check(not teacher.route_field, "teacher.route_field",
+               "names the data field that picks one of several teachers: list the others in teacher.others")
+        return
+    _check(not teacher.send_hidden, "teacher.send_hidden",
+           "with several teachers the learner would hold every teacher's LM head: not supported; "
+           "use teacher.top_k or teacher.sparse_samples")
+    if teacher.combine == "route":
+        _check(bool(teacher.route_field), "teacher.route_field",
+               "teacher.combine=route picks each prompt's teacher by a data field: name it")
+    else:
+        _check(not teacher.route_field, "teacher.route_field", "is for teacher.combine=route")
+        _check(sum(teacher.coefs or [1.0]) > 0, "teacher.coefs", "the mixture weights must not all be 0")
+        # the mixture's log-prob of a sampled token is exact from each teacher's; its top-k or
+        # draws are not (a token in one teacher's top-k is in the other's unsent tail)
+        _check(not TEACHER_ESTIMATORS[kd.estimator].distribution, "teacher.combine",
+               f"an ensemble's target is the mixture of the teachers' distributions, exact per sampled token: "
+               f"algorithm.kd.estimator={kd.estimator} needs a distribution payload; use k1, k2, k3 or minillm")
 
 
 def validate(cfg: Config) -> None:
@@ -461,6 +518,7 @@ def validate(cfg: Config) -> None:
                "the golden model is scored on the evaluation's samples: set data.eval_path")
         _check(cfg.run.eval_samples >= 1, "run.eval_samples",
                "the golden model is scored on the evaluation's sampled responses: needs run.eval_samples >= 1")
+    _check_teachers(teacher, kd)
     _check(sum((teacher.top_k > 0, teacher.sparse_samples > 0, teacher.send_hidden)) <= 1, "teacher.sparse_samples"
            if teacher.sparse_samples > 0 else "teacher.send_hidden",
            "the teacher sends one distribution payload: its top-k (teacher.top_k), ids drawn from it "

@@ -39,6 +39,8 @@ def submit(address: str | None, config_path: str, overrides: list[str], working_
     # nodes (shared storage, or a head on this machine).
     overrides = list(overrides) + [f"{key}={get_key(cfg, key)}" for key in PATH_KEYS
                                    if get_key(cfg, key) and os.path.exists(get_key(cfg, key))]
+    if cfg.teacher.others:
+        overrides.append(f"teacher.others=[{','.join(cfg.teacher.others)}]")
     if not any(o.startswith("run.output_dir=") for o in overrides):
         overrides.append(f"run.output_dir={cfg.run.output_dir}")
     rel = os.path.relpath(os.path.abspath(config_path), os.path.abspath(working_dir))

@@ -13,7 +13,7 @@ import torch
 from . import learner_state
 from .actor_logs import log_to_file
 from .batch import (
-    LearnerShare, RehearsalRows, RolloutSummary, concat_scores, concat_shards, forward_fields, micro_batches,
+    LearnerShare, RehearsalRows, RolloutSummary, combine_scores, concat_scores, concat_shards, forward_fields, micro_batches,
 )
 from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
@@ -26,24 +26,28 @@ from .weight_sync import WeightGroup, WeightLayout, pack, plan_layout, to_numpy
 
 def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, ranks: int, algo: AlgorithmConfig,
                    max_new_tokens: int, kd_coef: float, rehearsal_start: int,
-                   taid_t: float = 1.0) -> list[LearnerShare]:
+                   taid_t: float = 1.0, combine: str = "route", teacher_coefs: list[float] = (1.0,)) -> list[LearnerShare]:
     """Each learner rank's contiguous share of a step's requests (`summaries[i]` describes
-    `shards[i]`, scored as `scores[i]`): whole requests per rank, with the KD mask of its
-    sequences and the normalisers of the whole batch, both decided here once."""
+    `shards[i]`, scored as `scores[i]`: a list, one per teacher that scored it): whole requests
+    per rank, with the KD mask of its sequences and the normalisers of the whole batch, both
+    decided here once."""
     lengths = torch.tensor([n for s in summaries for n in s.response_len])
     rewards = torch.tensor([r for s in summaries for r in s.rewards], dtype=torch.float32)
     kd_mask_N = kd_sequence_mask(rewards, summaries[0].group_size, algo.kd.mask)
     pg_total, kd_total = batch_normalisers(lengths, kd_mask_N, aggregation=algo.aggregation, kd_norm=algo.kd.norm,
                                            max_new_tokens=max_new_tokens)
     per_rank = len(summaries) // ranks
+    scores = [part if isinstance(part, list) else [part] for part in scores]
     starts = [0]
     for s in summaries:
         starts.append(starts[-1] + len(s.uids))
     return [LearnerShare(kd_coef=kd_coef, rehearsal_start=rehearsal_start, pg_denominator=pg_total,
                          kd_denominator=kd_total,
                          kd_mask=kd_mask_N[starts[r * per_rank]:starts[(r + 1) * per_rank]].tolist(),
-                         shards=shards[r * per_rank:(r + 1) * per_rank], scores=scores[r * per_rank:(r + 1) * per_rank],
-                         taid_t=taid_t)
+                         shards=shards[r * per_rank:(r + 1) * per_rank],
+                         scores=[ref for part in scores[r * per_rank:(r + 1) * per_rank] for ref in part],
+                         score_parts=[len(part) for part in scores[r * per_rank:(r + 1) * per_rank]],
+                         taid_t=taid_t, combine=combine, teacher_coefs=tuple(teacher_coefs))
             for r in range(ranks)]
 
 
@@ -73,6 +77,8 @@ class StepMetrics:
     teacher_nonfinite_tokens: int = 0  # response tokens the teacher gave a non-finite value
     teacher_nonfinite_sequences: int = 0  # (not trained on by the teacher term)
     nonfinite_teachers: tuple = field(default=(), metadata={"reduce": lambda v: tuple(sorted(set().union(*v)))})
+    # several teachers: (k1 sum, tokens) of each teacher's divergence, flat, over the KD-masked tokens it scored
+    kd_k1_by_teacher: tuple = field(default=(), metadata={"reduce": lambda v: tuple(map(sum, zip(*[x for x in v if x])))})
     mismatch_max: float = field(default=0.0, metadata={"reduce": max})
     grad_norm: float = field(default=float("nan"), metadata={"reduce": lambda v: v[0]})  # global: same on all ranks
     skipped: bool = field(default=False, metadata={"reduce": any})
@@ -97,6 +103,9 @@ class StepMetrics:
             "teacher_nonfinite_tokens": self.teacher_nonfinite_tokens,
             "teacher_nonfinite_sequences": self.teacher_nonfinite_sequences,
             "nonfinite_teachers": list(self.nonfinite_teachers),
+            # each teacher's k1 of KL(student || teacher i) over the KD-masked tokens it scored
+            "kd_divergence_by_teacher": [s / n if n else None for s, n in zip(self.kd_k1_by_teacher[::2],
+                                                                              self.kd_k1_by_teacher[1::2])] or None,
         }
 
 
@@ -145,6 +154,12 @@ class MicroBatch:
     teacher_sample_logp_NRS: torch.Tensor | None = None
     teacher_sample_logw_NRS: torch.Tensor | None = None
     teacher_hidden_NRH: torch.Tensor | None = None  # a hidden-state teacher's (teacher.send_hidden)
+    # several teachers: each sequence's coefficient on the teacher term (route), and for the
+    # per-teacher metrics each row's teacher (route) or each teacher's log-probs (ensemble)
+    kd_coef_N: torch.Tensor | None = None
+    teacher_N: torch.Tensor | None = None
+    teacher_logp_TNR: torch.Tensor | None = None
+    teachers: int = 1
 
     def forward_kwargs(self) -> dict:
         if self.teacher_hidden_NRH is not None:
@@ -164,7 +179,11 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
     micro-batches of `micro_batch_size` rows, or length-grouped by `max_tokens_per_micro_batch`,
     with the share's advantages (whole groups: each request holds whole groups)."""
     batch = concat_shards(shards)
-    teacher = concat_scores(scores, batch.response_ids_NR.shape[1])
+    parts = share.scores_by_shard(scores)
+    teacher = concat_scores([combine_scores(p, shard.num_sequences, share.combine, share.teacher_coefs)
+                             for p, shard in zip(parts, shards)], batch.response_ids_NR.shape[1])
+    coefs = torch.tensor(share.teacher_coefs, dtype=torch.float64)
+    kd_coef_N = coefs[teacher.teacher_N] if teacher.teacher_N is not None else None
     mask_NR = batch.response_mask_NR()
     adv_N = group_advantages(batch.rewards_N, batch.group_size, algo.advantage)
     # a sequence the teacher gave a non-finite value (zeroed by the teacher) gets no teacher term
@@ -189,7 +208,11 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
             topk_ids_NRK=dist(teacher.topk_ids_NRK), teacher_topk_logp_NRK1=dist(teacher.topk_logp_NRK1),
             taid_t=share.taid_t, sample_ids_NRS=dist(teacher.sample_ids_NRS),
             teacher_sample_logp_NRS=dist(teacher.sample_logp_NRS),
-            teacher_sample_logw_NRS=dist(teacher.sample_logw_NRS), teacher_hidden_NRH=dist(teacher.hidden_NRH)))
+            teacher_sample_logw_NRS=dist(teacher.sample_logw_NRS), teacher_hidden_NRH=dist(teacher.hidden_NRH),
+            kd_coef_N=kd_coef_N[idx].to(device) if kd_coef_N is not None else None,
+            teacher_N=teacher.teacher_N[idx].to(device) if teacher.teacher_N is not None else None,
+            teacher_logp_TNR=teacher.teacher_logp_TNR[:, idx, :r].to(device) if teacher.teacher_logp_TNR is not None
+            else None, teachers=len(share.teacher_coefs)))
     return out
 
 
@@ -210,6 +233,8 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
                                        denominator=share.pg_denominator)
     values = estimator.values(logp, TeacherSignal(mb.teacher_logp_NR, divergence, mb.mask_NR, w.teacher_weight,
                                                   kd.minillm.gamma, kd.minillm.length_norm))
+    if mb.kd_coef_N is not None:  # routed teachers: each sequence's teacher's coefficient
+        values = values * mb.kd_coef_N[:, None].to(values.dtype)
     teacher = teacher_term(values, mb.mask_NR, mb.kd_mask_N, w.teacher_weight if estimator.sampled else None,
                            norm=kd.norm, aggregation=algo.aggregation, norm_len=norm_len,
                            denominator=share.kd_denominator)
@@ -225,9 +250,23 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
             (clipped * mask).sum(), ((torch.expm1(-delta) + delta) * mask).sum(), (tis * mask).sum(),
             ((mb.sampler_logp_NR.exp() - current.exp()).abs() * mask).max() if mask.numel() else mask.new_zeros(()),
         ]).double().tolist()
+        by_teacher = per_teacher_k1(current, mb, kd_mask) if mb.teachers > 1 else ()
     names = ("tokens", "policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "kd_weight_sum", "entropy_sum", "clip_sum",
              "mismatch_k3_sum", "tis_weight_sum", "mismatch_max")
-    return loss, StepMetrics(**dict(zip(names, sums)))
+    return loss, StepMetrics(**dict(zip(names, sums)), kd_k1_by_teacher=by_teacher)
+
+
+def per_teacher_k1(logp: torch.Tensor, mb: MicroBatch, kd_mask: torch.Tensor) -> tuple:
+    """(k1 sum, tokens) of KL(student || teacher i) for each teacher, flat: routed, over the
+    KD-masked tokens of the sequences it scored; an ensemble, each teacher over all of them."""
+    out = []
+    for i in range(mb.teachers):
+        if mb.teacher_logp_TNR is not None:
+            diff, sel = logp - mb.teacher_logp_TNR[i], kd_mask
+        else:
+            diff, sel = logp - mb.teacher_logp_NR, kd_mask * (mb.teacher_N == i)[:, None]
+        out += [float((diff * sel).sum()), float(sel.sum())]
+    return tuple(out)
 
 
 class Learner:

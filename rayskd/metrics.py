@@ -38,6 +38,7 @@ class StepRecord:
     kd_loss: float | None = None
     kd_divergence: float | None = None  # k1 mean of KL(student || teacher) over the KD-masked tokens
     kd_tokens: int | None = None
+    kd_divergence_by_teacher: dict | None = None  # several teachers: each one's, by name (teacher.names)
     kd_weight_mean: float | None = None  # the teacher term's importance weight, over its tokens
     entropy: float | None = None
     clip_frac: float | None = None

@@ -36,15 +36,14 @@ PENDING_FILE = "pending_rollouts.safetensors"
 
 @dataclass
 class Request:
-    """One generation request: some prompts of one step, on one engine, then one teacher."""
+    """One generation request: some prompts of one step, on one engine, then its teachers."""
     step: int
     prompts: PromptBatch
     engine: int = -1
     shard: object = None  # ObjectRef of the RolloutShard
     summary_ref: object = None
     summary: RolloutSummary | None = None
-    score: object = None  # ObjectRef of the TeacherScores, once dispatched
-    teacher: int = -1
+    score: list | None = None  # ObjectRefs of the TeacherScores, one per teacher scoring it, once dispatched
     attempts: int = 0
 
 
@@ -64,14 +63,17 @@ class ReadyBatch:
 
 
 class RolloutPipeline:
-    def __init__(self, pool: RolloutPool, teachers: ActorGroup, prompts_for: Callable[[int], PromptBatch],
-                 requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None]):
-        """`prompts_for(step)` draws the prompts of `step` (called once per step, in order)."""
+    def __init__(self, pool: RolloutPool, teachers: list[ActorGroup], prompts_for: Callable[[int], PromptBatch],
+                 requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None],
+                 teacher_of: list[int] | None = None):
+        """`prompts_for(step)` draws the prompts of `step` (called once per step, in order).
+        `teachers`: each teacher's pool; `teacher_of`: each dataset row's teacher (routed), or
+        None: every teacher scores every sequence (one teacher, or an ensemble)."""
         self.pool, self.teachers, self.prompts_for = pool, teachers, prompts_for
         self.requests_per_step, self.max_staleness, self.end_step = requests_per_step, max_staleness, end_step
-        self.event = event
+        self.event, self.teacher_of = event, teacher_of
         self.inflight: dict[int, list[Request]] = {}
-        self.scoring: list[tuple[int, object]] = []  # (teacher, score ref) not known to be finished
+        self.scoring: list[tuple[tuple[int, int], object]] = []  # ((teacher, worker), ref) not known to be finished
 
     # ---- submitting ----
 
@@ -91,7 +93,7 @@ class RolloutPipeline:
         for q in self._pending():
             if q.engine in load and q is not r:
                 load[q.engine] += 1
-        r.summary, r.score, r.teacher = None, None, -1
+        r.summary, r.score = None, None
         if not load:
             r.engine, r.shard, r.summary_ref = -1, None, None
             return
@@ -105,16 +107,29 @@ class RolloutPipeline:
                 self._generate(r)
 
     def _score(self, r: Request) -> None:
-        """Send `r`'s samples to the teacher with the fewest scoring calls outstanding."""
+        """Send `r`'s samples to each teacher that scores them (routed: the sequences of its
+        prompts only), each to the worker of its pool with the fewest scoring calls outstanding."""
         if self.scoring:
             done = set(ray.wait([ref for _, ref in self.scoring], num_returns=len(self.scoring), timeout=0)[0])
             self.scoring = [(t, ref) for t, ref in self.scoring if ref not in done]
-        load = [0] * self.teachers.workers
-        for t, _ in self.scoring:
-            load[t] += 1
-        r.teacher = load.index(min(load))
-        r.score = self.teachers.call_worker(r.teacher, "score", r.shard)
-        self.scoring.append((r.teacher, r.score))
+        r.score = []
+        for teacher, rows in self._teacher_rows(r):
+            load = [0] * self.teachers[teacher].workers
+            for (t, worker), _ in self.scoring:
+                load[worker] += t == teacher
+            worker = load.index(min(load))
+            ref = self.teachers[teacher].call_worker(worker, "score", r.shard, *([rows] if rows is not None else []))
+            r.score.append(ref)
+            self.scoring.append(((teacher, worker), ref))
+
+    def _teacher_rows(self, r: Request) -> list[tuple[int, list[int] | None]]:
+        """(teacher, the request's sequences it scores, None: all) for each teacher of `r`."""
+        if self.teacher_of is None:
+            return [(t, None) for t in range(len(self.teachers))]
+        rows: dict[int, list[int]] = {}
+        for i, uid in enumerate(r.summary.uids):
+            rows.setdefault(self.teacher_of[uid], []).append(i)
+        return sorted(rows.items())
 
     # ---- waiting while dispatching ----
 

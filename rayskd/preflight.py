@@ -20,6 +20,7 @@ class Inputs:
     train: PromptDataset | None  # None: checked for `rayskd eval` (need_train=False)
     eval: PromptDataset | None
     max_model_len: int
+    teacher_of: list[int] | None = None  # each training row's teacher (teacher.combine=route)
 
 
 # config attributes by which an architecture's logits stop being h @ W^T, and what they do
@@ -170,8 +171,8 @@ def _check_scorer(key: str, path: str, tensor_parallel: int, student_tok):
     return tok
 
 
-def load_split(cfg: Config, path: str, tokenizer) -> PromptDataset:
-    rows, malformed = read_rows(path, cfg.data.prompt_key, cfg.data.answer_key)
+def load_split(cfg: Config, path: str, tokenizer, route_key: str = "") -> PromptDataset:
+    rows, malformed = read_rows(path, cfg.data.prompt_key, cfg.data.answer_key, route_key)
     return PromptDataset(rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template, cfg.data.system_prompt,
                          skipped_malformed=malformed)
 
@@ -214,6 +215,17 @@ def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _resolve_model(key: str, value: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(value)
+    except Exception as e:
+        raise UsageError(f"{key}: {value} is neither a local directory nor a model in the Hugging Face cache "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); download it, or unset "
+                         f"HF_HUB_OFFLINE where there is network") from None
+
+
 def resolve_models(cfg: Config) -> Config:
     """student.path / teacher.path given as Hugging Face model ids become local directories:
     the cached snapshot (HF_HUB_OFFLINE=1, as scripts/_env.sh sets) or a download where there
@@ -224,16 +236,9 @@ def resolve_models(cfg: Config) -> Config:
         value = get_key(cfg, key)
         if not value or not is_model_id(value):
             continue
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = snapshot_download(value)
-        except Exception as e:
-            raise UsageError(f"{key}: {value} is neither a local directory nor a model in the Hugging Face cache "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); download it, or unset "
-                             f"HF_HUB_OFFLINE where there is network") from None
-        cfg = _replace(cfg, key, local)
-    return cfg
+        cfg = _replace(cfg, key, _resolve_model(key, value))
+    others = [_resolve_model("teacher.others", v) if is_model_id(v) else v for v in cfg.teacher.others]
+    return _replace(cfg, "teacher.others", others)
 
 
 def check_inputs(cfg: Config, need_teacher: bool = True, need_rehearsal: bool = True,
@@ -269,6 +274,8 @@ def _check_inputs(cfg: Config, need_teacher: bool, need_rehearsal: bool, need_tr
     student_tok = _load_tokenizer("student.path", cfg.student.path)
     if need_teacher:
         teacher_tok = _check_scorer("teacher.path", cfg.teacher.path, cfg.teacher.tensor_parallel_size, student_tok)
+        for path in cfg.teacher.others:
+            _check_scorer("teacher.others", path, cfg.teacher.tensor_parallel_size, student_tok)
         if cfg.teacher.golden_path:
             _check_scorer("teacher.golden_path", cfg.teacher.golden_path, cfg.teacher.tensor_parallel_size, student_tok)
         if cfg.teacher.send_hidden and not checkpoint_shapes(cfg.teacher.path):
@@ -277,7 +284,7 @@ def _check_inputs(cfg: Config, need_teacher: bool, need_rehearsal: bool, need_tr
     if need_rehearsal and cfg.algorithm.rehearsal.coef > 0:
         _check_rehearsal(cfg)
     try:
-        train = load_split(cfg, cfg.data.train_path, student_tok) if need_train else None
+        train = load_split(cfg, cfg.data.train_path, student_tok, cfg.teacher.route_field) if need_train else None
         evals = load_split(cfg, cfg.data.eval_path, student_tok) if cfg.data.eval_path else None
     except DataError as e:
         raise UsageError(f"data: {e}") from None
@@ -298,4 +305,22 @@ def _check_inputs(cfg: Config, need_teacher: bool, need_rehearsal: bool, need_tr
     if limit is not None and max_model_len > limit:
         raise UsageError(f"data.max_prompt_tokens + rollout.max_new_tokens = {max_model_len} exceeds the student's "
                          f"max_position_embeddings={limit}")
-    return Inputs(len(student_tok), student_tok.eos_token_id, train, evals, max_model_len)
+    teacher_of = route_teachers(cfg, train) if need_train and cfg.teacher.route_field else None
+    return Inputs(len(student_tok), student_tok.eos_token_id, train, evals, max_model_len, teacher_of)
+
+
+def route_teachers(cfg: Config, train: PromptDataset) -> list[int]:
+    """Each training row's teacher: its `teacher.route_field` value, a teacher's name
+    (teacher.names) or index. Exit 2 at the first row that names none."""
+    from .config import teacher_names
+
+    names = teacher_names(cfg)
+    index = {**{str(i): i for i in range(len(names))}, **{n: i for i, n in enumerate(names)}}
+    out = []
+    for i, row in enumerate(train.rows):
+        if row["route"] not in index:
+            what = "has no such field" if row["route"] is None else f"is {row['route']!r}"
+            raise UsageError(f"teacher.route_field={cfg.teacher.route_field}: training row {i + 1} {what}; each row "
+                             f"must name its teacher: one of {names} (teacher.names) or an index 0..{len(names) - 1}")
+        out.append(index[row["route"]])
+    return out

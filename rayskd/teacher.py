@@ -10,7 +10,7 @@ import os
 import torch
 
 from .actor_logs import log_to_file
-from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches
+from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches, select_rows
 from .config import TeacherConfig
 from .losses import hidden_logprobs, hidden_topk_logprobs
 from .losses.sparse import hidden_sampled_logprobs, row_uniforms
@@ -55,9 +55,9 @@ class TeacherScorer:
     reads it outside the model's forward)."""
 
     def __init__(self, model_path: str, cfg: TeacherConfig, tokenizer_len: int, *, rank: int = 0, worker: int = 0,
-                 master_addr: str | None = None, master_port: int | None = None):
+                 master_addr: str | None = None, master_port: int | None = None, teacher: int = 0):
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
-        self.cfg, self.rank, self.worker = cfg, rank, worker
+        self.cfg, self.rank, self.worker, self.teacher = cfg, rank, worker, teacher
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = teacher_dtype(cfg.dtype, self.device)
         tp = cfg.tensor_parallel_size
@@ -81,10 +81,16 @@ class TeacherScorer:
         return True
 
     @torch.no_grad()
-    def score(self, shard: RolloutShard) -> TeacherScores | None:
+    def score(self, shard: RolloutShard, rows: list[int] | None = None) -> TeacherScores | None:
         """Scores in micro-batches (of `micro_batch_size` rows, or by `max_tokens_per_batch`
         length-grouped), each cut to its own widths and written back in the shard's order
-        (rank 0 of a tensor-parallel worker returns them; the others None)."""
+        (rank 0 of a tensor-parallel worker returns them; the others None). `rows`: only those
+        sequences of the shard (the ones routed to this teacher), returned in that order."""
+        if rows is not None:
+            scores = self.score(select_rows(shard, torch.tensor(rows, dtype=torch.long)))
+            if scores is not None:
+                scores.rows_N = torch.tensor(rows, dtype=torch.long)
+            return scores
         N, R = shard.response_ids_NR.shape
         k, s = self.cfg.top_k, self.cfg.sparse_samples
         logp = torch.zeros(N, R, dtype=torch.float32)
@@ -122,4 +128,6 @@ class TeacherScorer:
             logp[idx, :r] = lp.float().cpu()
         if self.rank != 0:
             return None
-        return finite_scores(logp, top_ids, top_lps, shard.response_mask_NR(), self.worker, sampled, hidden)
+        scores = finite_scores(logp, top_ids, top_lps, shard.response_mask_NR(), self.worker, sampled, hidden)
+        scores.teacher = self.teacher
+        return scores

@@ -14,10 +14,14 @@ import uuid
 
 
 def scalars(record: dict) -> dict[str, float]:
-    """The numeric entries of a record (bools as 0/1; lists, strings and None left out)."""
+    """The numeric entries of a record (bools as 0/1; lists, strings and None left out; a dict's
+    entries as key/name: the per-teacher divergences)."""
     out = {}
     for key, value in record.items():
-        if key == "step" or isinstance(value, (str, list, tuple, dict)) or value is None:
+        if isinstance(value, dict):
+            out.update(scalars({f"{key}/{k}": v for k, v in value.items()}))
+            continue
+        if key == "step" or isinstance(value, (str, list, tuple)) or value is None:
             continue
         value = float(value)
         if math.isfinite(value):

@@ -19,7 +19,7 @@ import ray
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
 from .batch import PromptBatch, batch_stats, prompt_batch
-from .config import Config, engines_sleep, requests_per_step, to_yaml
+from .config import Config, engines_sleep, requests_per_step, teacher_coefs, teacher_names, teacher_paths, to_yaml
 from .evaluation import evaluate_on, hacking_warning
 from .learner import StepMetrics, learner_shares, train_step_args
 from .losses import TaidState, coef_at
@@ -104,6 +104,7 @@ class Trainer:
         self.taid = TaidState(t=cfg.algorithm.kd.taid.t_start) if cfg.algorithm.kd.divergence == "taid" else None
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = self.golden = None
+        self.teachers: list = []
         self.stops = StopState()
         self.sleeps = engines_sleep(cfg)  # engines sleep while the learners train beside them
         self._started_ray = False
@@ -176,17 +177,20 @@ class Trainer:
             check_gpu_layout(cfg, ray.cluster_resources().get("GPU", 0), "the Ray cluster")
         env, inputs = actor_env(cfg), self.inputs
         t0 = time.time()
-        self.log.event(f"starting {cfg.rollout.num_workers} rollout, {cfg.teacher.num_workers} teacher and "
+        teachers = len(teacher_paths(cfg))
+        self.log.event(f"starting {cfg.rollout.num_workers} rollout, {teachers * cfg.teacher.num_workers} teacher and "
                        f"{cfg.learner.world_size} learner actors")
         logs = os.path.join(run_dir, "logs")  # each actor's output: logs/rollout_0.log, ...
         rollout = start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
         if 0 < cfg.rollout.gpus_per_worker < 1:  # sharing a GPU: vLLM measures the memory it may take
             ray.get(rollout.call("ready"))  # at start, so it starts before the others allocate theirs
-        self.teacher = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES)
+        self.teachers = [start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, index=i)
+                         for i in range(teachers)]
+        self.teacher = self.teachers[0]  # the proxy the golden model is compared with
         if cfg.teacher.golden_path:  # the teacher-hacking monitor's golden model
             self.golden = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, golden=True)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
-        groups = [g for g in (rollout, self.teacher, self.golden, self.learner) if g is not None]
+        groups = [g for g in (rollout, *self.teachers, self.golden, self.learner) if g is not None]
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in groups}, f, indent=1)
         self.rollout = RolloutPool(rollout, self.log.event, cfg.rollout.max_failures)
@@ -196,8 +200,8 @@ class Trainer:
         if self._started_ray:  # the actors' processes too (and what they started: vLLM's engine core)
             with open(os.path.join(run_dir, RAY_PROCESSES), "w") as f:
                 json.dump(ray_processes(), f)
-        self.pipeline = RolloutPipeline(self.rollout, self.teacher, self._next_prompts, requests_per_step(cfg),
-                                        cfg.algorithm.max_staleness, cfg.run.steps, self.log.event)
+        self.pipeline = RolloutPipeline(self.rollout, self.teachers, self._next_prompts, requests_per_step(cfg),
+                                        cfg.algorithm.max_staleness, cfg.run.steps, self.log.event, inputs.teacher_of)
         if cfg.run.resume == "auto":
             self.restore()
 
@@ -235,7 +239,7 @@ class Trainer:
             os.remove(leftovers)
             if killed:
                 self.log.event(f"stopped {killed} Ray processes a previous run in this directory left behind")
-        teachers = cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
+        teachers = len(teacher_paths(cfg)) * cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
         self._started_ray = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
                                      + teachers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
         if self._started_ray:
@@ -255,7 +259,7 @@ class Trainer:
         with timer("generate_s"):
             batch = self.pipeline.take(self.step_num, self.weights_version)
         with timer("score_s"):
-            self.pipeline.wait([r.score for r in batch.requests])
+            self.pipeline.wait([ref for r in batch.requests for ref in r.score])
         coef = coef_at(self.step_num, cfg.algorithm.kd.schedule, cfg.algorithm.kd.coef, cfg.algorithm.kd.coef_min,
                        cfg.algorithm.kd.decay)
         taid_t = self.taid.t if self.taid is not None else None
@@ -265,7 +269,10 @@ class Trainer:
             self._advance_taid(metrics)
             self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
         staleness = batch.staleness(self.weights_version)
-        record = StepRecord(step=self.step_num, **batch_stats(batch.summaries), **metrics.record(cfg.algorithm),
+        learned = metrics.record(cfg.algorithm)
+        if learned["kd_divergence_by_teacher"] is not None:
+            learned["kd_divergence_by_teacher"] = dict(zip(teacher_names(cfg), learned["kd_divergence_by_teacher"]))
+        record = StepRecord(step=self.step_num, **batch_stats(batch.summaries), **learned,
                             kd_coef=coef, taid_t=taid_t, staleness_max=max(staleness), staleness_mean=sum(staleness) / len(staleness),
                             skipped_long_prompts=self.inputs.train.skipped_too_long, startup_s=startup_s)
         self.stops.unlogged = record  # the update is done: its record goes out on any stop
@@ -283,7 +290,7 @@ class Trainer:
         """One update: each learner rank trains its share of the step's requests."""
         shares = learner_shares(batch.summaries, [r.shard for r in batch.requests], [r.score for r in batch.requests],
                                 self.learner.n, self.cfg.algorithm, self.cfg.rollout.max_new_tokens, coef,
-                                self.rehearsal_pos, taid_t)
+                                self.rehearsal_pos, taid_t, self.cfg.teacher.combine, teacher_coefs(self.cfg))
         updates = self.learner.call_each("train_step", [train_step_args(share) for share in shares])
         self.rollout.learner_busy = True  # (an engine restarted meanwhile waits for this step's push)
         try:
@@ -481,10 +488,11 @@ class Trainer:
             self.pipeline.shutdown()
         if self.rollout is not None:
             self.rollout.shutdown()
-        for group in (self.teacher, self.golden, self.learner):
+        for group in (*self.teachers, self.golden, self.learner):
             if group is not None:
                 group.kill()
         self.rollout = self.teacher = self.golden = self.learner = self.pipeline = None
+        self.teachers = []
         if keep:
             return
         if self._started_ray:

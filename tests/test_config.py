@@ -110,6 +110,42 @@ def test_valid_combinations():
                        "algorithm.aggregation=seq_mean_token_sum_norm", "rollout.gpus_per_worker=0.25"])
 
 
+OTHER = "teacher.others=[demo_assets/student]"
+
+
+@pytest.mark.parametrize("extra,key,why", [
+    ([], "teacher.route_field", "picks each prompt's teacher by a data field"),
+    (["teacher.combine=vote"], "teacher.combine", "route"),
+    (["teacher.route_field=domain", "teacher.names=[a]"], "teacher.names", "one per teacher"),
+    (["teacher.route_field=domain", "teacher.names=[a,a]"], "teacher.names", "distinct"),
+    (["teacher.route_field=domain", "teacher.coefs=[1,-1]"], "teacher.coefs", ">= 0"),
+    (["teacher.combine=ensemble", "teacher.coefs=[0,0]"], "teacher.coefs", "not all be 0"),
+    (["teacher.combine=ensemble", "teacher.route_field=domain"], "teacher.route_field", "teacher.combine=route"),
+    (["teacher.combine=ensemble", "teacher.top_k=8", "algorithm.kd.estimator=topk"], "teacher.combine", "mixture"),
+    (["teacher.route_field=domain", "teacher.send_hidden=true", "algorithm.kd.estimator=full"], "teacher.send_hidden",
+     "LM head"),
+])
+def test_several_teachers_refused_settings_name_the_key(extra, key, why):
+    with pytest.raises(ConfigError, match=why) as e:
+        load_config(DEMO, [OTHER, *extra])
+    assert e.value.key == key
+
+
+def test_several_teachers_resolve():
+    from rayskd.config import gpus_asked, teacher_coefs, teacher_names
+
+    cfg = load_config(DEMO, [OTHER, "teacher.route_field=domain", "teacher.names=[plain,carry]",
+                             "teacher.coefs=[1,0.5]", "teacher.gpus_per_worker=1", "teacher.num_workers=2"])
+    assert cfg.teacher.others == [os.path.abspath("demo_assets/student")]
+    assert teacher_names(cfg) == ["plain", "carry"] and teacher_coefs(cfg) == [1, 0.5]
+    assert gpus_asked(cfg) == 4  # two pools of two workers
+    cfg = load_config(DEMO, [OTHER, "teacher.combine=ensemble", "teacher.coefs=[3,1]"])
+    assert teacher_names(cfg) == ["0", "1"] and teacher_coefs(cfg) == [0.75, 0.25]  # mixture weights
+    with pytest.raises(ConfigError, match="list the others") as e:  # one teacher has nothing to route to
+        load_config(DEMO, ["teacher.route_field=domain"])
+    assert e.value.key == "teacher.route_field"
+
+
 def test_missing_mandatory_value():
     with pytest.raises(ConfigError) as e:
         load_config(None, [])

@@ -91,12 +91,12 @@ def run(max_staleness, steps=6, engines=2, teachers=3, lag=0, requests=4):
         asked.append(step)
         return prompts_for(step)
 
-    pipe = RolloutPipeline(pool, teach, prompts, requests, max_staleness, steps, events.append)
+    pipe = RolloutPipeline(pool, [teach], prompts, requests, max_staleness, steps, events.append)
     version, seen = 0, []
     for step in range(steps):
         batch = pipe.take(step, version)
-        pipe.wait([r.score for r in batch.requests])
-        assert sum(ray.get([r.score for r in batch.requests])) == 8 * G
+        pipe.wait([ref for r in batch.requests for ref in r.score])
+        assert sum(ray.get([ref for r in batch.requests for ref in r.score])) == 8 * G
         seen.append((step, batch.staleness(version), sorted({u for s in batch.summaries for u in s.uids})))
         version += 1  # the update, then the weight sync, queued behind whatever is generating
         ray.get([e.load_weights.remote(None, None, version) for e in pool.actors])
@@ -170,18 +170,18 @@ def test_samples_saved_by_one_request_count_resume_under_another(tmp_path, befor
     per_step = 12
     pool = Group([FakeEngine.remote() for _ in range(2)])
     teach = Group([FakeTeacher.remote()])
-    old = RolloutPipeline(pool, teach, lambda s: prompts_for(s, per_step), before, 1, 4, print)
+    old = RolloutPipeline(pool, [teach], lambda s: prompts_for(s, per_step), before, 1, 4, print)
     old.take(0, 0)  # step 1's requests are now in flight
     old.save(str(tmp_path))
     calls = sum(len(c) for c in ray.get([e.calls.remote() for e in pool.actors]))
     saved = [u for r in old.inflight[1] for u in ray.get(r.shard).uids_N.tolist()]
 
     # the run ends after step 2: the new pipeline has nothing of its own to draw
-    new = RolloutPipeline(pool, teach, lambda s: pytest.fail("no prompt is drawn again"), after, 1, 2, print)
+    new = RolloutPipeline(pool, [teach], lambda s: pytest.fail("no prompt is drawn again"), after, 1, 2, print)
     new.load(str(tmp_path))
     batch = new.take(1, 1)
     assert len(batch.requests) == after
     assert [u for r in batch.requests for u in ray.get(r.shard).uids_N.tolist()] == saved  # same samples, same order
     assert [len(s.uids) for s in batch.summaries] == [per_step * G // after] * after  # whole groups, near-equal
     assert sum(len(c) for c in ray.get([e.calls.remote() for e in pool.actors])) == calls  # nothing regenerated
-    assert sum(ray.get([r.score for r in batch.requests])) == per_step * G
+    assert sum(ray.get([ref for r in batch.requests for ref in r.score])) == per_step * G

@@ -86,6 +86,24 @@ def test_cli_refuses_a_soft_capped_teacher_with_exit_2(demo_assets, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("route,what", [({"domain": "nope"}, "row 2 is 'nope'"), ({}, "row 2 has no such field")])
+def test_a_routed_row_that_names_no_teacher_exits_2(demo_assets, tmp_path, route, what):
+    """teacher.route_field: every training row must name one of the teachers, checked before
+    anything starts; a soft-capped second teacher is refused like the first."""
+    assets, _ = demo_assets
+    rows = [{"prompt": "12+34=", "answer": "046", "domain": "plain"}, {"prompt": "15+37=", "answer": "052", **route}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    routed = ["teacher.route_field=domain", "teacher.names=[plain,carry]", f"teacher.others=[{assets}/student]",
+              "algorithm.prompts_per_step=2", f"teacher.path={assets}/teacher", f"student.path={assets}/student"]
+    r = rayskd("train", DEMO, f"data.train_path={data}", *routed)
+    assert r.returncode == 2 and "teacher.route_field=domain" in r.stderr and what in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    tiny("gemma2").save_pretrained(tmp_path / "capped")
+    r = rayskd("train", DEMO, *routed[:2], f"teacher.others=[{tmp_path}/capped]")
+    assert r.returncode == 2 and "teacher.others" in r.stderr and "soft-caps" in r.stderr, r.stderr
+
+
 def write_rehearsal(path, meta):
     path.write_text(json.dumps({"uid": 0, "prompt_ids": [0, 1], "response_ids": [2, 12], "ref_logp": [-0.1, -0.2]})
                     + "\n")

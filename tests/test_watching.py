@@ -34,7 +34,10 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
     previous step pushed, says the push reached the engine. And the teacher-hacking monitor
     (issue 28.7) with the initial student as its golden model: at step 0 the golden model's
     divergence from the student, on the student's own sampled evaluation responses, is 0 (the
-    same model scored the very samples the engine drew), the teacher's is not."""
+    same model scored the very samples the engine drew), the teacher's is not. And two teachers
+    routed by the demo's `domain` field (issue 28.6), the second (for `carry` prompts) the
+    initial student: at step 1 its divergence, logged apart from the teacher's, is 0 on the
+    sequences routed to it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -45,6 +48,8 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
                f"run.output_dir={run}", "learner.world_size=2", "learner.lr=1e-3", "run.eval_every=2",
                "run.eval_max_prompts=24", "run.eval_samples=4", "run.eval_k=[1,2,4]", "run.wandb_project=rayskd-test",
                "run.checkpoint_every=2", f"teacher.golden_path={assets}/student",
+               f"teacher.others=[{assets}/student]", "teacher.route_field=domain", "teacher.names=[plain,carry]",
+               "teacher.coefs=[1,0.5]",
                "teacher.dtype=float32")  # (the golden model scores as the fp32 engine samples: 0 at step 0)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -55,6 +60,9 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
     for m in rows:
         assert REQUIRED <= set(m), REQUIRED - set(m)
         assert m["kd_divergence"] > 0 and m["skipped_update"] is False and m["sampler_mismatch_max"] < 1e-3
+    by_teacher = [m["kd_divergence_by_teacher"] for m in rows]
+    assert abs(by_teacher[0]["carry"]) < 1e-3 and by_teacher[0]["plain"] > 0.01, by_teacher[0]
+    assert all(set(b) == {"plain", "carry"} for b in by_teacher)
     assert (run / "config.yaml").exists()
     final = AutoModelForCausalLM.from_pretrained(str(run / "final"))  # the exported student loads
     start = AutoModelForCausalLM.from_pretrained(os.path.join(assets, "student"))
@@ -82,6 +90,8 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
     tb = tensorboard_scalars(run / "tensorboard")
     assert tb["train/reward_mean"] == pytest.approx({m["step"]: m["reward_mean"] for m in metrics(run)})
     assert tb["eval/pass@4"] == pytest.approx({e["step"]: e["pass@4"] for e in evals})
+    assert tb["train/kd_divergence_by_teacher/carry"] == pytest.approx(
+        {m["step"]: m["kd_divergence_by_teacher"]["carry"] for m in rows}, abs=1e-6)
     # W&B, offline: a run written under RUN_DIR/wandb with no network
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), os.listdir(run / "wandb")
 
@@ -91,7 +101,7 @@ def test_a_run_is_evaluated_tracked_and_quiet(demo_assets, tmp_path, monkeypatch
     repeated = [line for line, n in Counter(out + r.stderr.splitlines()).items() if n > 1 and line.strip()]
     assert not repeated, repeated
     assert "RotaryEmbedding" not in r.stdout + r.stderr and "pid=" not in r.stdout + r.stderr
-    for name in ("rollout_0", "teacher_0", "golden_0", "learner_0", "learner_1"):
+    for name in ("rollout_0", "teacher_0", "teacher1_0", "golden_0", "learner_0", "learner_1"):
         assert (run / "logs" / f"{name}.log").stat().st_size > 0, name
 
     # `rayskd eval RUN_DIR`: the newest checkpoint, on the run's rollout settings

@@ -84,10 +84,11 @@ def _prompt(value):
     return None
 
 
-def read_rows(path: str, prompt_key: str, answer_key: str) -> tuple[list[dict], int]:
+def read_rows(path: str, prompt_key: str, answer_key: str, route_key: str = "") -> tuple[list[dict], int]:
     """Rows {"prompt": str or messages, "answer": str} from a file or saved dataset directory
     (see _records), and how many rows were skipped as malformed (not JSON, a field missing or
-    empty, a prompt that is neither text nor messages). None usable: DataError."""
+    empty, a prompt that is neither text nor messages). None usable: DataError. `route_key`:
+    also {"route": str}, the field that names a row's teacher (teacher.route_field)."""
     rows, skipped, first = [], 0, None
     for where, record in _records(path):
         try:
@@ -101,6 +102,11 @@ def read_rows(path: str, prompt_key: str, answer_key: str) -> tuple[list[dict], 
             first = first or f"{where}: {problem}"
             continue
         rows.append({"prompt": prompt, "answer": str(answer)})
+        if route_key:  # checked against the teachers at start (preflight)
+            try:
+                rows[-1]["route"] = str(field(record, route_key))
+            except KeyError:
+                rows[-1]["route"] = None
     if not rows:
         raise DataError(f"no usable rows in {path}" + (f" ({skipped} malformed; first: {first}; set "
                                                         f"data.prompt_key / data.answer_key)" if skipped else
@@ -125,7 +131,7 @@ class PromptDataset:
             if len(ids) > max_prompt_tokens or len(ids) == 0:
                 self.skipped_too_long += 1
                 continue
-            self.rows.append({"prompt": text, "answer": row["answer"]})
+            self.rows.append({"prompt": text, **{k: v for k, v in row.items() if k != "prompt"}})
             self.prompt_ids.append(ids)
 
     def __len__(self) -> int:
@@ -188,7 +194,8 @@ def data_fingerprint(dataset: PromptDataset, tokenizer_dir: str) -> dict:
     def sha(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
 
-    rows = [sha(json.dumps([ids, row["answer"]])) for ids, row in zip(dataset.prompt_ids, dataset.rows)]
+    rows = [sha(json.dumps([ids, row["answer"], *([row["route"]] if "route" in row else [])]))
+            for ids, row in zip(dataset.prompt_ids, dataset.rows)]
     tokenizer = hashlib.sha256()
     for name in sorted(os.listdir(tokenizer_dir)):
         if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):

@@ -51,6 +51,12 @@ def make_task(seed: int, max_operand: int, n_eval: int):
     return rows[n_eval:], rows[:n_eval]
 
 
+def with_domain(rows):
+    """The rows with a `domain` field: `carry` when the units digits carry, else `plain` (a
+    field to route prompts to teachers by: teacher.route_field=domain)."""
+    return [{**r, "domain": "carry" if int(r["prompt"][1]) + int(r["prompt"][4]) >= 10 else "plain"} for r in rows]
+
+
 def build_tokenizer(out_dir: str):
     """Character-level tokenizer in the byte-level BPE form of Qwen2 (no merges), so that
     `AutoTokenizer` (which loads it as Qwen2Tokenizer next to a Qwen2 config) round-trips."""
@@ -240,8 +246,8 @@ def pinned_numerics():
 
 def _build(tmp: str, fp: str, seed: int, log) -> dict:
     train, evals = make_task(seed, RECIPE["max_operand"], RECIPE["n_eval"])
-    write_jsonl(os.path.join(tmp, "train.jsonl"), train)
-    write_jsonl(os.path.join(tmp, "eval.jsonl"), evals)
+    write_jsonl(os.path.join(tmp, "train.jsonl"), with_domain(train))
+    write_jsonl(os.path.join(tmp, "eval.jsonl"), with_domain(evals))
     tok = build_tokenizer(os.path.join(tmp, "teacher"))
     build_tokenizer(os.path.join(tmp, "student"))
     report = {"fingerprint": fp, "seed": seed, "task": "aa+bb=ccc (two-digit operands, three-digit sum, zero-padded), exact match",
