@@ -23,6 +23,12 @@ def length_mask(lengths_N: torch.Tensor, width: int) -> torch.Tensor:
     return (torch.arange(width)[None] < lengths_N[:, None]).float()
 
 
+# where a sequence comes from (docs/algorithms.md, "Sequences of other origins"): the student's
+# own sample, or the dataset's reference response (GKD's off-policy sequences)
+ORIGINS = ("student", "dataset")
+STUDENT, DATASET = 0, 1
+
+
 @dataclass
 class PromptBatch:
     """Prompts chosen for one step (small metadata the driver may hold)."""
@@ -30,6 +36,13 @@ class PromptBatch:
     prompt_ids: list[list[int]]
     prompts: list[str]
     answers: list[str]
+    origins: list[int] = field(default_factory=list)  # each prompt's sequences' origin (ORIGINS); empty: the student's
+
+    def origin(self, i: int) -> int:
+        return self.origins[i] if self.origins else STUDENT
+
+
+PROMPT_FIELDS = ("uids", "prompt_ids", "prompts", "answers", "origins")
 
 
 def prompt_batch(dataset, uids: list[int]) -> PromptBatch:
@@ -39,17 +52,27 @@ def prompt_batch(dataset, uids: list[int]) -> PromptBatch:
                        answers=[dataset.rows[u]["answer"] for u in uids])
 
 
+def gkd_origins(seed: int, step: int, count: int, lmbda: float) -> list[int]:
+    """GKD's choice for each of a step's `count` prompts: the student's own samples with
+    probability `lmbda`, else the dataset's response; a function of (seed, step) only, so a
+    resumed run draws what the uninterrupted one did."""
+    u = torch.rand(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + step + 7919), dtype=torch.float64)
+    return [STUDENT if x < lmbda else DATASET for x in u.tolist()]
+
+
 def split_prompts(prompts: PromptBatch, count: int) -> list[PromptBatch]:
     """`count` contiguous, near-equal parts of a prompt batch, in order."""
     n = len(prompts.uids)
     bounds = [round(i * n / count) for i in range(count + 1)]
-    return [PromptBatch(*(getattr(prompts, f)[a:b] for f in ("uids", "prompt_ids", "prompts", "answers")))
-            for a, b in zip(bounds, bounds[1:])]
+    return [PromptBatch(*(getattr(prompts, f)[a:b] for f in PROMPT_FIELDS)) for a, b in zip(bounds, bounds[1:])]
 
 
 def merge_prompts(parts: list[PromptBatch]) -> PromptBatch:
     """The prompt batches `parts`, one after another (split_prompts' inverse)."""
-    return PromptBatch(*([x for p in parts for x in getattr(p, f)] for f in ("uids", "prompt_ids", "prompts", "answers")))
+    if any(p.origins for p in parts):
+        parts = [PromptBatch(*(getattr(p, f) for f in PROMPT_FIELDS[:4]), [p.origin(i) for i in range(len(p.uids))])
+                 for p in parts]
+    return PromptBatch(*([x for p in parts for x in getattr(p, f)] for f in PROMPT_FIELDS))
 
 
 def batch_stats(summaries: list[RolloutSummary]) -> dict:
@@ -63,7 +86,17 @@ def batch_stats(summaries: list[RolloutSummary]) -> dict:
             "reward_errors": sum(int(s.stats.get("reward_errors", 0)) for s in summaries),
             "reward_timeouts": sum(int(s.stats.get("reward_timeouts", 0)) for s in summaries),
             "weights_version_sampled": min(s.weights_version for s in summaries),
-            "prompt_uids": sorted({u for s in summaries for u in s.uids})}
+            "prompt_uids": sorted({u for s in summaries for u in s.uids}), **origin_stats(summaries, rewards)}
+
+
+def origin_stats(summaries: list[RolloutSummary], rewards: torch.Tensor) -> dict:
+    """Sequences and mean reward per origin (ORIGINS), when a step has more than the student's."""
+    origin = torch.tensor([o for s in summaries for o in (s.origin or [STUDENT] * len(s.uids))])
+    if not bool((origin != STUDENT).any()):
+        return {}
+    return {"sequences_by_origin": {name: int((origin == i).sum()) for i, name in enumerate(ORIGINS)},
+            "reward_by_origin": {name: float(rewards[origin == i].mean()) if bool((origin == i).any()) else None
+                                 for i, name in enumerate(ORIGINS)}}
 
 
 @dataclass
@@ -80,6 +113,11 @@ class RolloutShard:
     group_size: int
     weights_version: int
     stats: dict = field(default_factory=dict)  # reward_errors, reward_timeouts
+    origin_N: torch.Tensor | None = None  # each sequence's origin (ORIGINS; None: all the student's)
+
+    def __post_init__(self):
+        if self.origin_N is None:
+            self.origin_N = torch.zeros(self.response_ids_NR.shape[0], dtype=torch.int8)
 
     @property
     def num_sequences(self) -> int:
@@ -100,16 +138,18 @@ class RolloutSummary:
     group_size: int
     weights_version: int  # the weights the engine sampled with
     stats: dict = field(default_factory=dict)  # reward_errors, reward_timeouts
+    origin: list = field(default_factory=list)  # per sequence (ORIGINS)
 
 
 def summarize(shard: RolloutShard) -> RolloutSummary:
     return RolloutSummary(uids=shard.uids_N.tolist(), response_len=shard.response_len_N.tolist(),
                           rewards=shard.rewards_N.tolist(), truncated=shard.truncated_N.tolist(),
-                          group_size=shard.group_size, weights_version=shard.weights_version, stats=dict(shard.stats))
+                          group_size=shard.group_size, weights_version=shard.weights_version, stats=dict(shard.stats),
+                          origin=shard.origin_N.tolist())
 
 
 SHARD_TENSORS = ("prompt_ids_NP", "prompt_len_N", "response_ids_NR", "response_len_N", "sampler_logp_NR", "rewards_N",
-                 "truncated_N", "uids_N")
+                 "truncated_N", "uids_N", "origin_N")
 
 
 def shard_to_tensors(shard: RolloutShard, prefix: str) -> tuple[dict, dict]:
@@ -119,8 +159,9 @@ def shard_to_tensors(shard: RolloutShard, prefix: str) -> tuple[dict, dict]:
 
 
 def shard_from_tensors(tensors: dict, prefix: str, meta: dict) -> RolloutShard:
-    return RolloutShard(**{name: tensors[f"{prefix}.{name}"] for name in SHARD_TENSORS}, group_size=meta["group_size"],
-                        weights_version=meta["weights_version"], stats=meta["stats"])
+    # (a checkpoint from before origins has none: the student's samples)
+    return RolloutShard(**{name: tensors.get(f"{prefix}.{name}") for name in SHARD_TENSORS},
+                        group_size=meta["group_size"], weights_version=meta["weights_version"], stats=meta["stats"])
 
 
 @dataclass
@@ -211,7 +252,8 @@ def concat_shards(shards: list[RolloutShard]) -> RolloutShard:
         response_ids_NR=cat("response_ids_NR", 0), response_len_N=torch.cat([s.response_len_N for s in shards]),
         sampler_logp_NR=cat("sampler_logp_NR", 0.0), rewards_N=torch.cat([s.rewards_N for s in shards]),
         truncated_N=torch.cat([s.truncated_N for s in shards]), uids_N=torch.cat([s.uids_N for s in shards]),
-        group_size=shards[0].group_size, weights_version=min(s.weights_version for s in shards), stats=stats)
+        group_size=shards[0].group_size, weights_version=min(s.weights_version for s in shards), stats=stats,
+        origin_N=torch.cat([s.origin_N for s in shards]))
 
 
 def split_shard(shard: RolloutShard, count: int) -> list[RolloutShard]:

@@ -254,6 +254,18 @@ class RehearsalConfig:
 
 
 @dataclass(frozen=True)
+class GKDConfig:
+    """Sequences of other origins (docs/algorithms.md, "Sequences of other origins")."""
+    # GKD (arXiv 2306.13649): each prompt's sequences are the student's own samples with
+    # probability lmbda (drawn per prompt from the run seed and the step: the same on a resume),
+    # else off-policy ones; 1: all on-policy
+    lmbda: float = 1.0
+    # where the off-policy sequences come from: dataset, the row's reference response (its answer
+    # column, the text the reward judges), G copies per prompt; they get the teacher term only
+    off_policy: str = "dataset"
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     prompts_per_step: int = 8
     advantage: str = "grpo"
@@ -272,6 +284,7 @@ class AlgorithmConfig:
     max_staleness: int = 0
     kd: KDConfig = field(default_factory=KDConfig)
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
 
 
 @dataclass(frozen=True)
@@ -519,6 +532,15 @@ def validate(cfg: Config) -> None:
         _check(cfg.run.eval_samples >= 1, "run.eval_samples",
                "the golden model is scored on the evaluation's sampled responses: needs run.eval_samples >= 1")
     _check_teachers(teacher, kd)
+    _check(0 <= algo.gkd.lmbda <= 1, "algorithm.gkd.lmbda", f"is a probability, got {algo.gkd.lmbda}")
+    _choice("algorithm.gkd.off_policy", algo.gkd.off_policy, ("dataset",))
+    if algo.gkd.lmbda < 1:
+        # on a sequence the student did not sample, a sampled-token estimate is not of any KL to
+        # the student: GKD takes the divergence of the whole next-token distributions there
+        _check(TEACHER_ESTIMATORS[kd.estimator].distribution and not kd.estimator.startswith("minillm"),
+               "algorithm.kd.estimator",
+               f"algorithm.gkd.lmbda={algo.gkd.lmbda} trains on sequences the student did not sample, where "
+               f"{kd.estimator} estimates nothing: use a distribution estimator (topk, full, sparse)")
     _check(sum((teacher.top_k > 0, teacher.sparse_samples > 0, teacher.send_hidden)) <= 1, "teacher.sparse_samples"
            if teacher.sparse_samples > 0 else "teacher.send_hidden",
            "the teacher sends one distribution payload: its top-k (teacher.top_k), ids drawn from it "

@@ -13,7 +13,8 @@ import torch
 from . import learner_state
 from .actor_logs import log_to_file
 from .batch import (
-    LearnerShare, RehearsalRows, RolloutSummary, combine_scores, concat_scores, concat_shards, forward_fields, micro_batches,
+    ORIGINS, STUDENT, LearnerShare, RehearsalRows, RolloutSummary, combine_scores, concat_scores, concat_shards,
+    forward_fields, micro_batches,
 )
 from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
@@ -26,7 +27,8 @@ from .weight_sync import WeightGroup, WeightLayout, pack, plan_layout, to_numpy
 
 def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, ranks: int, algo: AlgorithmConfig,
                    max_new_tokens: int, kd_coef: float, rehearsal_start: int,
-                   taid_t: float = 1.0, combine: str = "route", teacher_coefs: list[float] = (1.0,)) -> list[LearnerShare]:
+                   taid_t: float = 1.0, combine: str = "route",
+                   teacher_coefs: list[float] = (1.0,)) -> list[LearnerShare]:
     """Each learner rank's contiguous share of a step's requests (`summaries[i]` describes
     `shards[i]`, scored as `scores[i]`: a list, one per teacher that scored it): whole requests
     per rank, with the KD mask of its sequences and the normalisers of the whole batch, both
@@ -34,8 +36,12 @@ def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, 
     lengths = torch.tensor([n for s in summaries for n in s.response_len])
     rewards = torch.tensor([r for s in summaries for r in s.rewards], dtype=torch.float32)
     kd_mask_N = kd_sequence_mask(rewards, summaries[0].group_size, algo.kd.mask)
-    pg_total, kd_total = batch_normalisers(lengths, kd_mask_N, aggregation=algo.aggregation, kd_norm=algo.kd.norm,
-                                           max_new_tokens=max_new_tokens)
+    _, kd_total = batch_normalisers(lengths, kd_mask_N, aggregation=algo.aggregation, kd_norm=algo.kd.norm,
+                                    max_new_tokens=max_new_tokens)
+    # the GRPO term's normaliser counts the student's own samples only (the term is theirs)
+    own = torch.tensor([o == STUDENT for s in summaries for o in (s.origin or [STUDENT] * len(s.uids))])
+    pg_total = batch_normalisers(lengths[own], kd_mask_N[own], aggregation=algo.aggregation, kd_norm=algo.kd.norm,
+                                 max_new_tokens=max_new_tokens)[0] if bool(own.any()) else 1.0
     per_rank = len(summaries) // ranks
     scores = [part if isinstance(part, list) else [part] for part in scores]
     starts = [0]
@@ -57,6 +63,11 @@ def train_step_args(share: LearnerShare) -> tuple:
     return (share, *share.shards, *share.scores)
 
 
+def _add_elementwise(parts: list[tuple]) -> tuple:
+    """Tuples of sums added position by position (the empty ones left out)."""
+    return tuple(map(sum, zip(*[p for p in parts if p])))
+
+
 @dataclass
 class StepMetrics:
     """Sums over micro-batches and ranks of an update; `merge` adds them (a field's `reduce`
@@ -70,6 +81,7 @@ class StepMetrics:
     kd_weight_sum: float = 0.0  # the teacher term's importance weights, over the KD-masked tokens
     entropy_sum: float = 0.0
     clip_sum: float = 0.0
+    sampled_tokens: float = 0.0  # tokens of the student's own samples (the GRPO term's, and a sampler's)
     mismatch_k3_sum: float = 0.0  # sampler (vLLM) vs learner log-probs of the same tokens
     tis_weight_sum: float = 0.0
     rehearsal_loss: float = 0.0
@@ -78,7 +90,9 @@ class StepMetrics:
     teacher_nonfinite_sequences: int = 0  # (not trained on by the teacher term)
     nonfinite_teachers: tuple = field(default=(), metadata={"reduce": lambda v: tuple(sorted(set().union(*v)))})
     # several teachers: (k1 sum, tokens) of each teacher's divergence, flat, over the KD-masked tokens it scored
-    kd_k1_by_teacher: tuple = field(default=(), metadata={"reduce": lambda v: tuple(map(sum, zip(*[x for x in v if x])))})
+    kd_k1_by_teacher: tuple = field(default=(), metadata={"reduce": _add_elementwise})
+    # sequences of other origins (algorithm.gkd): the same, per origin (batch.ORIGINS)
+    kd_k1_by_origin: tuple = field(default=(), metadata={"reduce": _add_elementwise})
     mismatch_max: float = field(default=0.0, metadata={"reduce": max})
     grad_norm: float = field(default=float("nan"), metadata={"reduce": lambda v: v[0]})  # global: same on all ranks
     skipped: bool = field(default=False, metadata={"reduce": any})
@@ -89,24 +103,29 @@ class StepMetrics:
 
     def record(self, algo: AlgorithmConfig) -> dict:
         """The learner's fields of the step's record (metrics.StepRecord)."""
-        tokens = max(self.tokens, 1.0)
+        tokens, sampled = max(self.tokens, 1.0), max(self.sampled_tokens, 1.0)
         return {
             # masked mean over the tokens the teacher term saw (None when the KD mask selected none)
             "kd_divergence": self.kd_k1_sum / self.kd_tokens if self.kd_tokens else None,
             "kd_tokens": int(self.kd_tokens), "kd_loss": self.kd_loss, "policy_loss": self.policy_loss,
             "kd_weight_mean": self.kd_weight_sum / self.kd_tokens if self.kd_tokens else None,
-            "entropy": self.entropy_sum / tokens, "clip_frac": self.clip_sum / tokens, "grad_norm": self.grad_norm,
-            "sampler_mismatch_max": self.mismatch_max, "sampler_mismatch_k3": self.mismatch_k3_sum / tokens,
+            "entropy": self.entropy_sum / tokens, "clip_frac": self.clip_sum / sampled, "grad_norm": self.grad_norm,
+            "sampler_mismatch_max": self.mismatch_max, "sampler_mismatch_k3": self.mismatch_k3_sum / sampled,
             "skipped_update": self.skipped, "nonfinite_losses": self.nonfinite,
-            "tis_weight_mean": self.tis_weight_sum / tokens if algo.tis_cap > 0 else None,
+            "tis_weight_mean": self.tis_weight_sum / sampled if algo.tis_cap > 0 else None,
             "rehearsal_loss": self.rehearsal_loss if algo.rehearsal.coef > 0 else None,
             "teacher_nonfinite_tokens": self.teacher_nonfinite_tokens,
             "teacher_nonfinite_sequences": self.teacher_nonfinite_sequences,
             "nonfinite_teachers": list(self.nonfinite_teachers),
             # each teacher's k1 of KL(student || teacher i) over the KD-masked tokens it scored
-            "kd_divergence_by_teacher": [s / n if n else None for s, n in zip(self.kd_k1_by_teacher[::2],
-                                                                              self.kd_k1_by_teacher[1::2])] or None,
+            "kd_divergence_by_teacher": _means(self.kd_k1_by_teacher),
+            "kd_divergence_by_origin": dict(zip(ORIGINS, _means(self.kd_k1_by_origin))) if self.kd_k1_by_origin else None,
         }
+
+
+def _means(sums_and_counts: tuple) -> list | None:
+    """(sum, count, sum, count, ...) -> [mean, ...] (None where the count is 0); () -> None."""
+    return [s / n if n else None for s, n in zip(sums_and_counts[::2], sums_and_counts[1::2])] or None
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,7 @@ class MicroBatch:
     teacher_N: torch.Tensor | None = None
     teacher_logp_TNR: torch.Tensor | None = None
     teachers: int = 1
+    origin_N: torch.Tensor | None = None  # None: all the student's own samples (batch.ORIGINS)
 
     def forward_kwargs(self) -> dict:
         if self.teacher_hidden_NRH is not None:
@@ -212,7 +232,8 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
             kd_coef_N=kd_coef_N[idx].to(device) if kd_coef_N is not None else None,
             teacher_N=teacher.teacher_N[idx].to(device) if teacher.teacher_N is not None else None,
             teacher_logp_TNR=teacher.teacher_logp_TNR[:, idx, :r].to(device) if teacher.teacher_logp_TNR is not None
-            else None, teachers=len(share.teacher_coefs)))
+            else None, teachers=len(share.teacher_coefs),
+            origin_N=batch.origin_N[idx].to(device) if bool((batch.origin_N != STUDENT).any()) else None))
     return out
 
 
@@ -227,8 +248,13 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
     distribution, for a distribution estimator. Returns (loss, this micro-batch's metrics)."""
     kd = algo.kd
     estimator = TEACHER_ESTIMATORS[kd.estimator]
-    w = importance_weights(logp, mb.sampler_logp_NR, algo.tis_cap, kd.is_cap)
-    pg, clipped = policy_gradient_term(logp, mb.advantages_N, mb.mask_NR, w, clip_low=algo.clip_low,
+    # the GRPO term is the student's own samples'; a sequence no sampler drew (a dataset
+    # response) has no behaviour policy: mu = sg(pi_theta) there, every ratio 1
+    own_NR = mb.mask_NR if mb.origin_N is None else mb.mask_NR * (mb.origin_N == STUDENT)[:, None]
+    sampler_logp = mb.sampler_logp_NR if mb.origin_N is None else torch.where(
+        (mb.origin_N == STUDENT)[:, None], mb.sampler_logp_NR, logp.detach())
+    w = importance_weights(logp, sampler_logp, algo.tis_cap, kd.is_cap)
+    pg, clipped = policy_gradient_term(logp, mb.advantages_N, own_NR, w, clip_low=algo.clip_low,
                                        clip_high=algo.clip_high, aggregation=algo.aggregation, norm_len=norm_len,
                                        denominator=share.pg_denominator)
     values = estimator.values(logp, TeacherSignal(mb.teacher_logp_NR, divergence, mb.mask_NR, w.teacher_weight,
@@ -242,30 +268,40 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
     with torch.no_grad():
         mask, current = mb.mask_NR, logp.detach()
         kd_mask = mask * mb.kd_mask_N[:, None]
-        delta = (mb.sampler_logp_NR - current) * mask
+        delta = (sampler_logp - current) * own_NR
         tis = w.pg_weight if w.pg_weight is not None else torch.zeros_like(mask)
         sums = torch.stack([
-            mask.sum(), pg.detach(), teacher.detach(), ((current - mb.teacher_logp_NR) * kd_mask).sum(), kd_mask.sum(),
-            (w.teacher_weight * kd_mask).sum(), (entropy * mask).sum() if entropy is not None else mask.new_zeros(()),
-            (clipped * mask).sum(), ((torch.expm1(-delta) + delta) * mask).sum(), (tis * mask).sum(),
-            ((mb.sampler_logp_NR.exp() - current.exp()).abs() * mask).max() if mask.numel() else mask.new_zeros(()),
+            mask.sum(), own_NR.sum(), pg.detach(), teacher.detach(), ((current - mb.teacher_logp_NR) * kd_mask).sum(),
+            kd_mask.sum(), (w.teacher_weight * kd_mask).sum(),
+            (entropy * mask).sum() if entropy is not None else mask.new_zeros(()),
+            (clipped * own_NR).sum(), ((torch.expm1(-delta) + delta) * own_NR).sum(), (tis * own_NR).sum(),
+            ((sampler_logp.exp() - current.exp()).abs() * own_NR).max() if mask.numel() else mask.new_zeros(()),
         ]).double().tolist()
         by_teacher = per_teacher_k1(current, mb, kd_mask) if mb.teachers > 1 else ()
-    names = ("tokens", "policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "kd_weight_sum", "entropy_sum", "clip_sum",
-             "mismatch_k3_sum", "tis_weight_sum", "mismatch_max")
-    return loss, StepMetrics(**dict(zip(names, sums)), kd_k1_by_teacher=by_teacher)
+        by_origin = () if mb.origin_N is None else _k1_by_group(current - mb.teacher_logp_NR, kd_mask, mb.origin_N,
+                                                                 len(ORIGINS))
+    names = ("tokens", "sampled_tokens", "policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "kd_weight_sum",
+             "entropy_sum", "clip_sum", "mismatch_k3_sum", "tis_weight_sum", "mismatch_max")
+    return loss, StepMetrics(**dict(zip(names, sums)), kd_k1_by_teacher=by_teacher, kd_k1_by_origin=by_origin)
+
+
+def _k1_by_group(diff: torch.Tensor, kd_mask: torch.Tensor, group_N: torch.Tensor, groups: int) -> tuple:
+    """(k1 sum, tokens) over the KD-masked tokens of each group's sequences, flat."""
+    out = []
+    for g in range(groups):
+        sel = kd_mask * (group_N == g)[:, None]
+        out += [float((diff * sel).sum()), float(sel.sum())]
+    return tuple(out)
 
 
 def per_teacher_k1(logp: torch.Tensor, mb: MicroBatch, kd_mask: torch.Tensor) -> tuple:
     """(k1 sum, tokens) of KL(student || teacher i) for each teacher, flat: routed, over the
     KD-masked tokens of the sequences it scored; an ensemble, each teacher over all of them."""
+    if mb.teacher_logp_TNR is None:
+        return _k1_by_group(logp - mb.teacher_logp_NR, kd_mask, mb.teacher_N, mb.teachers)
     out = []
     for i in range(mb.teachers):
-        if mb.teacher_logp_TNR is not None:
-            diff, sel = logp - mb.teacher_logp_TNR[i], kd_mask
-        else:
-            diff, sel = logp - mb.teacher_logp_NR, kd_mask * (mb.teacher_N == i)[:, None]
-        out += [float((diff * sel).sum()), float(sel.sum())]
+        out += [float(((logp - mb.teacher_logp_TNR[i]) * kd_mask).sum()), float(kd_mask.sum())]
     return tuple(out)
 
 

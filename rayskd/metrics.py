@@ -39,6 +39,10 @@ class StepRecord:
     kd_divergence: float | None = None  # k1 mean of KL(student || teacher) over the KD-masked tokens
     kd_tokens: int | None = None
     kd_divergence_by_teacher: dict | None = None  # several teachers: each one's, by name (teacher.names)
+    # sequences of other origins (algorithm.gkd.lmbda < 1): per origin (student, dataset)
+    kd_divergence_by_origin: dict | None = None
+    sequences_by_origin: dict | None = None
+    reward_by_origin: dict | None = None
     kd_weight_mean: float | None = None  # the teacher term's importance weight, over its tokens
     entropy: float | None = None
     clip_frac: float | None = None

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from .actor_logs import log_to_file
-from .batch import PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
+from .batch import STUDENT, PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
 from .config import RewardConfig, RolloutConfig, engine_memory_fraction
 from .evaluation import EvalRows
 from .rewards.runner import RewardRunner
@@ -196,21 +196,29 @@ class RolloutEngine:
         which worker draws it, or what it drew before."""
         n = n or (1 if greedy else self.cfg.samples_per_prompt)
         params = self._params(n, greedy)
-        with engine_alive():
-            if not greedy:
-                self.llm.collective_rpc("rayskd_seed", args=(call_seed(self.seed, step, prompts.uids),))
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts.prompt_ids], params,
-                                        use_tqdm=False)
-        prompt_rows, resp_rows, logp_rows, truncated, uids, items = [], [], [], [], [], []
-        for i, out in enumerate(outputs):
-            for sample in out.outputs:
-                ids = list(sample.token_ids)
-                logps = [next(iter(d.values())).logprob if d else 0.0 for d in (sample.logprobs or [])]
+        sampled = [i for i in range(len(prompts.uids)) if prompts.origin(i) == STUDENT]
+        outputs = []
+        if sampled:
+            with engine_alive():
+                if not greedy:
+                    self.llm.collective_rpc("rayskd_seed", args=(call_seed(self.seed, step, prompts.uids),))
+                outputs = self.llm.generate([{"prompt_token_ids": prompts.prompt_ids[i]} for i in sampled], params,
+                                            use_tqdm=False)
+        responses = dict(zip(sampled, outputs))
+        prompt_rows, resp_rows, logp_rows, truncated, uids, items, origins = [], [], [], [], [], [], []
+        for i in range(len(prompts.uids)):
+            if i in responses:
+                drawn = [(list(s.token_ids), [next(iter(d.values())).logprob if d else 0.0 for d in (s.logprobs or [])],
+                          s.finish_reason == "length") for s in responses[i].outputs]
+            else:
+                drawn = [self._reference(prompts.answers[i])] * n
+            for ids, logps, cut in drawn:
                 prompt_rows.append(prompts.prompt_ids[i])
                 resp_rows.append(ids)
                 logp_rows.append(logps[:len(ids)])
-                truncated.append(sample.finish_reason == "length")
+                truncated.append(cut)
                 uids.append(prompts.uids[i])
+                origins.append(prompts.origin(i))
                 text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
                 items.append((prompts.prompts[i], text, prompts.answers[i]))
         rewards, stats = self.rewards.score(items)
@@ -219,7 +227,16 @@ class RolloutEngine:
             response_ids_NR=pad_rows(resp_rows), response_len_N=torch.tensor([len(r) for r in resp_rows]),
             sampler_logp_NR=pad_rows(logp_rows, 0.0, torch.float32), rewards_N=torch.tensor(rewards),
             truncated_N=torch.tensor(truncated), uids_N=torch.tensor(uids), group_size=n,
-            weights_version=self.version, stats=stats)
+            weights_version=self.version, stats=stats, origin_N=torch.tensor(origins, dtype=torch.int8))
+
+    def _reference(self, answer: str) -> tuple[list[int], list[float], bool]:
+        """A dataset response (GKD's off-policy sequence): the reference's tokens and the end of
+        sequence, at most rollout.max_new_tokens (cut: truncated); no sampler drew it (log-probs 0,
+        unused: docs/algorithms.md, "Sequences of other origins")."""
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        cut = len(ids) > self.cfg.max_new_tokens
+        ids = ids[:self.cfg.max_new_tokens]
+        return ids, [0.0] * len(ids), cut
 
     def generate_with_summary(self, prompts: PromptBatch, step: int) -> tuple[RolloutShard, RolloutSummary]:
         """generate(), plus the small summary the driver reads (it learns of failures, rewards,

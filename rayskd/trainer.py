@@ -18,7 +18,7 @@ import ray
 
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
-from .batch import PromptBatch, batch_stats, prompt_batch
+from .batch import PromptBatch, batch_stats, gkd_origins, prompt_batch
 from .config import Config, engines_sleep, requests_per_step, teacher_coefs, teacher_names, teacher_paths, to_yaml
 from .evaluation import evaluate_on, hacking_warning
 from .learner import StepMetrics, learner_shares, train_step_args
@@ -309,8 +309,12 @@ class Trainer:
                                      taid.alpha, taid.beta)
 
     def _next_prompts(self, step: int) -> PromptBatch:
-        """The prompts of `step` (the pipeline asks for each step once, in order)."""
-        return prompt_batch(self.inputs.train, self.sampler.next(self.cfg.algorithm.prompts_per_step))
+        """The prompts of `step` (the pipeline asks for each step once, in order), each with the
+        origin of its sequences (algorithm.gkd.lmbda < 1: drawn from the run seed and the step)."""
+        batch = prompt_batch(self.inputs.train, self.sampler.next(self.cfg.algorithm.prompts_per_step))
+        if self.cfg.algorithm.gkd.lmbda < 1:
+            batch.origins = gkd_origins(self.cfg.run.seed, step, len(batch.uids), self.cfg.algorithm.gkd.lmbda)
+        return batch
 
     def sync_weights(self, version: int | None = None) -> float:
         """Push the learner's weights to every rollout engine as `version` (default: the next

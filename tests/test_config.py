@@ -66,6 +66,9 @@ def test_overrides_and_read_only():
     ("reward.function=nocolon", "reward.function"),
     ("reward.name=bleu", "reward.name"),
     ("run.resume=sometimes", "run.resume"),
+    ("algorithm.gkd.lmbda=1.5", "algorithm.gkd.lmbda"),
+    ("algorithm.gkd.lmbda=0.5", "algorithm.kd.estimator"),  # k2 on a dataset response estimates nothing
+    ("algorithm.gkd.off_policy=teacher", "algorithm.gkd.off_policy"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # everything the algorithm computes; timings are excluded
 DETERMINISTIC = ("reward_mean", "reward_std", "kd_divergence", "kd_loss", "policy_loss", "entropy",
                  "response_len_mean", "grad_norm", "sampler_mismatch_max", "weights_version_sampled", "eval_accuracy", "staleness_max",
-                 "prompt_uids", "taid_t")
+                 "prompt_uids", "taid_t", "sequences_by_origin", "reward_by_origin", "kd_divergence_by_origin")
 
 
 def small_dataset(assets, path, n=64):
@@ -76,13 +76,16 @@ def learner_tensors(run_dir, step: int = 4) -> dict:
 
 
 def close(a, b, rel=1e-4) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= rel * max(1.0, abs(a))
     return a == b
 
 
-# TAID (issue 28.3): its t is training state, moved by the term's value each step
-TAID = ["teacher.top_k=8", "algorithm.kd.estimator=topk", "algorithm.kd.divergence=taid"]
+# TAID (issue 28.3): its t is training state, moved by the term's value each step; and GKD
+# (issue 29.3): half the prompts (drawn per step) trained on the dataset's responses
+TAID = ["teacher.top_k=8", "algorithm.kd.estimator=topk", "algorithm.kd.divergence=taid", "algorithm.gkd.lmbda=0.5"]
 
 
 def run_args(tmp_path, assets, stage: int, staleness: int) -> list[str]:
@@ -99,7 +102,8 @@ def run_args(tmp_path, assets, stage: int, staleness: int) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(demo_assets, tmp_path_factory):
     """The reference both tests compare with: 2 learner ranks at ZeRO-3, generating a step ahead,
-    TAID's t as training state, 4 steps uninterrupted. Returns (args, its run directory)."""
+    TAID's t as training state, GKD with lambda 0.5 on the dataset's responses, 4 steps
+    uninterrupted. Returns (args, its run directory)."""
     tmp = tmp_path_factory.mktemp("resume")
     args = run_args(tmp, demo_assets[0], stage=3, staleness=1) + TAID
     full = tmp / "full"
@@ -117,6 +121,10 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(uninterrupte
     config = os.path.abspath("configs/demo.yaml")
     args, full = uninterrupted
     ts = [m.get("taid_t") for m in metrics(full)]
+    for m in metrics(full):  # GKD: about half the prompts each step answered by the dataset, all correctly
+        n = m["sequences_by_origin"]
+        assert n["student"] + n["dataset"] == 192 and 0 < n["dataset"] < 192 and m["reward_by_origin"]["dataset"] == 1
+        assert set(m["kd_divergence_by_origin"]) == {"student", "dataset"}
     # from t_start (the first update only records the term), then at least the linear floor
     assert ts[:2] == [0.4, 0.4] and all(a < b for a, b in zip(ts[1:], ts[2:])) and 0.85 - 1e-12 <= ts[-1] < 1, ts
 
