@@ -24,9 +24,9 @@ def length_mask(lengths_N: torch.Tensor, width: int) -> torch.Tensor:
 
 
 # where a sequence comes from (docs/algorithms.md, "Sequences of other origins"): the student's
-# own sample, or the dataset's reference response (GKD's off-policy sequences)
-ORIGINS = ("student", "dataset")
-STUDENT, DATASET = 0, 1
+# own sample, the dataset's reference response, or the teacher's sample (GKD's off-policy ones)
+ORIGINS = ("student", "dataset", "teacher")
+STUDENT, DATASET, TEACHER = 0, 1, 2
 
 
 @dataclass
@@ -52,18 +52,39 @@ def prompt_batch(dataset, uids: list[int]) -> PromptBatch:
                        answers=[dataset.rows[u]["answer"] for u in uids])
 
 
-def gkd_origins(seed: int, step: int, count: int, lmbda: float) -> list[int]:
+def gkd_origins(seed: int, step: int, count: int, lmbda: float, off_policy: int = DATASET) -> list[int]:
     """GKD's choice for each of a step's `count` prompts: the student's own samples with
-    probability `lmbda`, else the dataset's response; a function of (seed, step) only, so a
-    resumed run draws what the uninterrupted one did."""
+    probability `lmbda`, else `off_policy` (DATASET or TEACHER); a function of (seed, step)
+    only, so a resumed run draws what the uninterrupted one did."""
     u = torch.rand(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + step + 7919), dtype=torch.float64)
-    return [STUDENT if x < lmbda else DATASET for x in u.tolist()]
+    return [STUDENT if x < lmbda else off_policy for x in u.tolist()]
+
+
+def teacher_last(prompts: PromptBatch) -> PromptBatch:
+    """The prompts with those the teacher generates for after the others (stable): each request
+    then goes to one kind of engine (`request_bounds`)."""
+    if TEACHER not in prompts.origins:
+        return prompts
+    order = sorted(range(len(prompts.uids)), key=lambda i: prompts.origins[i] == TEACHER)
+    return PromptBatch(*([getattr(prompts, f)[i] for i in order] for f in PROMPT_FIELDS))
+
+
+def request_bounds(prompts: PromptBatch, count: int) -> list[int]:
+    """Where a step's prompts (`teacher_last`) are cut into `count` contiguous requests: near-
+    equal parts, except that the teacher's prompts form requests of their own (as many as their
+    share of the prompts gives, at least one for each kind present)."""
+    n = len(prompts.uids)
+    ours = sum(1 for i in range(n) if prompts.origin(i) != TEACHER)
+    if ours in (0, n) or count < 2:
+        return [round(i * n / count) for i in range(count + 1)]
+    first = min(max(round(count * ours / n), 1), count - 1)
+    return ([round(i * ours / first) for i in range(first)]
+            + [ours + round(i * (n - ours) / (count - first)) for i in range(count - first + 1)])
 
 
 def split_prompts(prompts: PromptBatch, count: int) -> list[PromptBatch]:
-    """`count` contiguous, near-equal parts of a prompt batch, in order."""
-    n = len(prompts.uids)
-    bounds = [round(i * n / count) for i in range(count + 1)]
+    """`count` contiguous parts of a prompt batch, in order (`request_bounds`)."""
+    bounds = request_bounds(prompts, count)
     return [PromptBatch(*(getattr(prompts, f)[a:b] for f in PROMPT_FIELDS)) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -85,7 +106,8 @@ def batch_stats(summaries: list[RolloutSummary]) -> dict:
             "empty_frac": float((lengths == 0).float().mean()), "truncated_frac": float(truncated.mean()),
             "reward_errors": sum(int(s.stats.get("reward_errors", 0)) for s in summaries),
             "reward_timeouts": sum(int(s.stats.get("reward_timeouts", 0)) for s in summaries),
-            "weights_version_sampled": min(s.weights_version for s in summaries),
+            "weights_version_sampled": min((s.weights_version for s in summaries
+                                            if not s.origin or TEACHER not in s.origin), default=None),
             "prompt_uids": sorted({u for s in summaries for u in s.uids}), **origin_stats(summaries, rewards)}
 
 
@@ -259,8 +281,9 @@ def concat_shards(shards: list[RolloutShard]) -> RolloutShard:
 def split_shard(shard: RolloutShard, count: int) -> list[RolloutShard]:
     """`count` contiguous parts of a shard by whole groups, cut where split_prompts cuts its
     prompts (the counters in `stats` go with the first part)."""
-    prompts = shard.num_sequences // shard.group_size
-    bounds = [round(i * prompts / count) * shard.group_size for i in range(count + 1)]
+    groups = shard.origin_N[::shard.group_size].tolist()
+    prompts = PromptBatch(list(range(len(groups))), [], [], [], groups)
+    bounds = [b * shard.group_size for b in request_bounds(prompts, count)]
     return [RolloutShard(**{name: getattr(shard, name)[a:b] for name in SHARD_TENSORS}, group_size=shard.group_size,
                          weights_version=shard.weights_version, stats=dict(shard.stats) if i == 0 else {})
             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]

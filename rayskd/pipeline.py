@@ -26,7 +26,7 @@ import ray
 
 from .actors import ActorGroup, TrainingError
 from .batch import (
-    PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors, shard_to_tensors, split_prompts,
+    TEACHER, PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors, shard_to_tensors, split_prompts,
     split_shard, summarize,
 )
 from .rollout_pool import MAX_RETRIES, RESTARTABLE, RolloutPool
@@ -46,6 +46,12 @@ class Request:
     score: list | None = None  # ObjectRefs of the TeacherScores, one per teacher scoring it, once dispatched
     attempts: int = 0
 
+    @property
+    def by_teacher(self) -> bool:
+        """The teacher's engines generate this request (GKD's teacher samples: `request_bounds`
+        gives them requests of their own); never stale, its weights never change."""
+        return bool(self.prompts.origins) and all(o == TEACHER for o in self.prompts.origins)
+
 
 @dataclass
 class ReadyBatch:
@@ -58,18 +64,22 @@ class ReadyBatch:
         return [r.summary for r in self.requests]
 
     def staleness(self, version: int) -> list[int]:
-        """Weight versions between each sequence's sampler and the learner at `version`."""
-        return [version - s.weights_version for s in self.summaries for _ in s.uids]
+        """Weight versions between each sequence's sampler and the learner at `version` (the
+        student's samples: the teacher's engines hold no version, and a dataset response no
+        sampler; 0 when there is none of them)."""
+        return [version - s.weights_version for s in self.summaries
+                for o in (s.origin or [0] * len(s.uids)) if o != TEACHER] or [0]
 
 
 class RolloutPipeline:
     def __init__(self, pool: RolloutPool, teachers: list[ActorGroup], prompts_for: Callable[[int], PromptBatch],
                  requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None],
-                 teacher_of: list[int] | None = None):
+                 teacher_of: list[int] | None = None, teacher_pool: RolloutPool | None = None):
         """`prompts_for(step)` draws the prompts of `step` (called once per step, in order).
         `teachers`: each teacher's pool; `teacher_of`: each dataset row's teacher (routed), or
-        None: every teacher scores every sequence (one teacher, or an ensemble)."""
-        self.pool, self.teachers, self.prompts_for = pool, teachers, prompts_for
+        None: every teacher scores every sequence (one teacher, or an ensemble). `teacher_pool`:
+        the teacher's own engines, for the requests it generates (GKD's teacher samples)."""
+        self.pool, self.teachers, self.prompts_for, self.teacher_pool = pool, teachers, prompts_for, teacher_pool
         self.requests_per_step, self.max_staleness, self.end_step = requests_per_step, max_staleness, end_step
         self.event, self.teacher_of = event, teacher_of
         self.inflight: dict[int, list[Request]] = {}
@@ -89,16 +99,20 @@ class RolloutPipeline:
     def _generate(self, r: Request) -> None:
         """Send `r` to the ready engine with the fewest requests still generating; with none
         ready (restarted ones wait for the next weight push) it waits (`_send_waiting`)."""
-        load = {i: 0 for i in self.pool.ready()}
+        pool = self._pool(r)
+        load = {i: 0 for i in pool.ready()}
         for q in self._pending():
-            if q.engine in load and q is not r:
+            if q.engine in load and q is not r and q.by_teacher == r.by_teacher:
                 load[q.engine] += 1
         r.summary, r.score = None, None
         if not load:
             r.engine, r.shard, r.summary_ref = -1, None, None
             return
         r.engine = min(load, key=load.get)
-        r.shard, r.summary_ref = self.pool.generate(r.engine, r.prompts, r.step)
+        r.shard, r.summary_ref = pool.generate(r.engine, r.prompts, r.step)
+
+    def _pool(self, r: Request) -> RolloutPool:
+        return self.teacher_pool if r.by_teacher else self.pool
 
     def _send_waiting(self) -> None:
         """Send the requests that waited for a ready engine."""
@@ -158,7 +172,7 @@ class RolloutPipeline:
                 if r.attempts > MAX_RETRIES:
                     raise TrainingError(f"rollout requests of step {r.step + 1} kept failing after {MAX_RETRIES} "
                                         f"retries") from None
-                self.pool.revive(r.engine)
+                self._pool(r).revive(r.engine)
                 self._generate(r)
                 continue
             self._score(r)
@@ -187,7 +201,8 @@ class RolloutPipeline:
                 if any(r.summary_ref is None for r in self.inflight[step]):
                     raise TrainingError(f"step {step + 1}: no rollout engine is ready to generate its samples")
                 self.pump(block=True)
-            stale = [r for r in self.inflight[step] if version - r.summary.weights_version > self.max_staleness]
+            stale = [r for r in self.inflight[step]
+                     if version - r.summary.weights_version > self.max_staleness and not r.by_teacher]
             if not stale:
                 return ReadyBatch(step, self.inflight.pop(step))
             self.event(f"step {step + 1}: {len(stale)} request(s) sampled more than {self.max_staleness} versions "

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from .actor_logs import log_to_file
-from .batch import STUDENT, PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
+from .batch import DATASET, PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
 from .config import RewardConfig, RolloutConfig, engine_memory_fraction
 from .evaluation import EvalRows
 from .rewards.runner import RewardRunner
@@ -196,7 +196,7 @@ class RolloutEngine:
         which worker draws it, or what it drew before."""
         n = n or (1 if greedy else self.cfg.samples_per_prompt)
         params = self._params(n, greedy)
-        sampled = [i for i in range(len(prompts.uids)) if prompts.origin(i) == STUDENT]
+        sampled = [i for i in range(len(prompts.uids)) if prompts.origin(i) != DATASET]  # this engine's samples
         outputs = []
         if sampled:
             with engine_alive():

@@ -59,19 +59,30 @@ def actor_state(actor) -> str:
         return "UNKNOWN"
 
 
-def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_dir: str | None = None) -> ActorGroup:
+def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_dir: str | None = None,
+                  teacher: bool = False) -> ActorGroup:
     """The rollout workers of `cfg` (a rayskd Config), each a vLLM engine on `model_path`.
-    Ray restarts them without limit; RolloutPool budgets the restarts per window."""
+    Ray restarts them without limit; RolloutPool budgets the restarts per window. `teacher`:
+    the teacher's engines instead (teacher.generation's pool, the rollout's sampling settings;
+    they never sleep and never take a weight push)."""
+    import dataclasses
     import os
 
     from .rollout import RolloutEngine
 
+    role = cfg.rollout
+    if teacher:
+        gen = cfg.teacher.generation
+        role = dataclasses.replace(role, num_workers=gen.num_workers, gpus_per_worker=gen.gpus_per_worker,
+                                   tensor_parallel_size=gen.tensor_parallel_size, resources=dict(cfg.teacher.resources))
     extra_path = (os.getcwd(),)  # where a user's reward module is imported from
     return ActorGroup(
-        "rollout", RolloutEngine, cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size, cfg.rollout.gpus_per_worker,
-        lambda i, pg: dict(model_path=model_path, cfg=cfg.rollout, reward=cfg.reward, seed=cfg.run.seed,
-                           max_model_len=max_model_len, extra_path=extra_path, sleeps=engines_sleep(cfg)),
-        resources=dict(cfg.rollout.resources), env_vars=env_vars, max_restarts=-1, task_retries=0, log_dir=log_dir)
+        "teacher_rollout" if teacher else "rollout", RolloutEngine, role.num_workers, role.tensor_parallel_size,
+        role.gpus_per_worker,
+        lambda i, pg: dict(model_path=model_path, cfg=role, reward=cfg.reward, seed=cfg.run.seed,
+                           max_model_len=max_model_len, extra_path=extra_path,
+                           sleeps=engines_sleep(cfg) and not teacher),
+        resources=dict(role.resources), env_vars=env_vars, max_restarts=-1, task_retries=0, log_dir=log_dir)
 
 
 class RolloutPool:

@@ -18,8 +18,10 @@ import ray
 
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
-from .batch import PromptBatch, batch_stats, gkd_origins, prompt_batch
-from .config import Config, engines_sleep, requests_per_step, teacher_coefs, teacher_names, teacher_paths, to_yaml
+from .batch import DATASET, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, teacher_last
+from .config import (
+    Config, engines_sleep, requests_per_step, teacher_coefs, teacher_generates, teacher_names, teacher_paths, to_yaml,
+)
 from .evaluation import evaluate_on, hacking_warning
 from .learner import StepMetrics, learner_shares, train_step_args
 from .losses import TaidState, coef_at
@@ -105,6 +107,7 @@ class Trainer:
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = self.golden = None
         self.teachers: list = []
+        self.teacher_rollout = None  # the teacher's engines (GKD's teacher samples)
         self.stops = StopState()
         self.sleeps = engines_sleep(cfg)  # engines sleep while the learners train beside them
         self._started_ray = False
@@ -178,8 +181,9 @@ class Trainer:
         env, inputs = actor_env(cfg), self.inputs
         t0 = time.time()
         teachers = len(teacher_paths(cfg))
-        self.log.event(f"starting {cfg.rollout.num_workers} rollout, {teachers * cfg.teacher.num_workers} teacher and "
-                       f"{cfg.learner.world_size} learner actors")
+        engines = f" (and {cfg.teacher.generation.num_workers} teacher rollout)" if teacher_generates(cfg) else ""
+        self.log.event(f"starting {cfg.rollout.num_workers} rollout{engines}, {teachers * cfg.teacher.num_workers} "
+                       f"teacher and {cfg.learner.world_size} learner actors")
         logs = os.path.join(run_dir, "logs")  # each actor's output: logs/rollout_0.log, ...
         rollout = start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
         if 0 < cfg.rollout.gpus_per_worker < 1:  # sharing a GPU: vLLM measures the memory it may take
@@ -189,19 +193,25 @@ class Trainer:
         self.teacher = self.teachers[0]  # the proxy the golden model is compared with
         if cfg.teacher.golden_path:  # the teacher-hacking monitor's golden model
             self.golden = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, golden=True)
+        teacher_engines = None
+        if teacher_generates(cfg):
+            teacher_engines = start_rollout(cfg, cfg.teacher.path, inputs.max_model_len, env, logs, teacher=True)
         self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
-        groups = [g for g in (rollout, *self.teachers, self.golden, self.learner) if g is not None]
+        groups = [g for g in (rollout, *self.teachers, self.golden, teacher_engines, self.learner) if g is not None]
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in groups}, f, indent=1)
         self.rollout = RolloutPool(rollout, self.log.event, cfg.rollout.max_failures)
         self.rollout.use_weights(self._weight_sync())
+        if teacher_engines is not None:
+            self.teacher_rollout = RolloutPool(teacher_engines, self.log.event, cfg.rollout.max_failures)
         ray.get([ref for g in groups[1:] for ref in g.call("ready")])
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
         if self._started_ray:  # the actors' processes too (and what they started: vLLM's engine core)
             with open(os.path.join(run_dir, RAY_PROCESSES), "w") as f:
                 json.dump(ray_processes(), f)
         self.pipeline = RolloutPipeline(self.rollout, self.teachers, self._next_prompts, requests_per_step(cfg),
-                                        cfg.algorithm.max_staleness, cfg.run.steps, self.log.event, inputs.teacher_of)
+                                        cfg.algorithm.max_staleness, cfg.run.steps, self.log.event, inputs.teacher_of,
+                                        self.teacher_rollout)
         if cfg.run.resume == "auto":
             self.restore()
 
@@ -240,7 +250,9 @@ class Trainer:
             if killed:
                 self.log.event(f"stopped {killed} Ray processes a previous run in this directory left behind")
         teachers = len(teacher_paths(cfg)) * cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
+        gen = cfg.teacher.generation
         self._started_ray = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
+                                     + (gen.num_workers * gen.tensor_parallel_size if teacher_generates(cfg) else 0)
                                      + teachers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
         if self._started_ray:
             with open(leftovers, "w") as f:
@@ -312,9 +324,11 @@ class Trainer:
         """The prompts of `step` (the pipeline asks for each step once, in order), each with the
         origin of its sequences (algorithm.gkd.lmbda < 1: drawn from the run seed and the step)."""
         batch = prompt_batch(self.inputs.train, self.sampler.next(self.cfg.algorithm.prompts_per_step))
-        if self.cfg.algorithm.gkd.lmbda < 1:
-            batch.origins = gkd_origins(self.cfg.run.seed, step, len(batch.uids), self.cfg.algorithm.gkd.lmbda)
-        return batch
+        gkd = self.cfg.algorithm.gkd
+        if gkd.lmbda < 1:
+            off = TEACHER if gkd.off_policy == "teacher" else DATASET
+            batch.origins = gkd_origins(self.cfg.run.seed, step, len(batch.uids), gkd.lmbda, off)
+        return teacher_last(batch)
 
     def sync_weights(self, version: int | None = None) -> float:
         """Push the learner's weights to every rollout engine as `version` (default: the next
@@ -490,12 +504,13 @@ class Trainer:
             self.log.close()
         if self.pipeline is not None:
             self.pipeline.shutdown()
-        if self.rollout is not None:
-            self.rollout.shutdown()
+        for pool in (self.rollout, self.teacher_rollout):
+            if pool is not None:
+                pool.shutdown()
         for group in (*self.teachers, self.golden, self.learner):
             if group is not None:
                 group.kill()
-        self.rollout = self.teacher = self.golden = self.learner = self.pipeline = None
+        self.rollout = self.teacher = self.golden = self.learner = self.pipeline = self.teacher_rollout = None
         self.teachers = []
         if keep:
             return

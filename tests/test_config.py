@@ -68,7 +68,7 @@ def test_overrides_and_read_only():
     ("run.resume=sometimes", "run.resume"),
     ("algorithm.gkd.lmbda=1.5", "algorithm.gkd.lmbda"),
     ("algorithm.gkd.lmbda=0.5", "algorithm.kd.estimator"),  # k2 on a dataset response estimates nothing
-    ("algorithm.gkd.off_policy=teacher", "algorithm.gkd.off_policy"),
+    ("algorithm.gkd.off_policy=replay", "algorithm.gkd.off_policy"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -132,6 +132,21 @@ def test_several_teachers_refused_settings_name_the_key(extra, key, why):
     with pytest.raises(ConfigError, match=why) as e:
         load_config(DEMO, [OTHER, *extra])
     assert e.value.key == key
+
+
+def test_teacher_samples_need_the_teachers_engines_and_two_requests():
+    from rayskd.config import gpus_asked, requests_per_step
+
+    gkd = ["algorithm.gkd.lmbda=0.5", "algorithm.gkd.off_policy=teacher", "algorithm.kd.estimator=topk",
+           "teacher.top_k=8"]
+    with pytest.raises(ConfigError, match="give it engines") as e:
+        load_config(DEMO, gkd)
+    assert e.value.key == "teacher.generation.num_workers"
+    cfg = load_config(DEMO, [*gkd, "teacher.generation.num_workers=2", "teacher.generation.gpus_per_worker=1"])
+    assert requests_per_step(cfg) == 2 and gpus_asked(cfg) == 2  # the teacher's prompts are requests of their own
+    with pytest.raises(ConfigError, match="at least 2 requests") as e:
+        load_config(DEMO, [*gkd, "teacher.generation.num_workers=1", "rollout.prompts_per_request=32"])
+    assert e.value.key == "rollout.prompts_per_request"
 
 
 def test_several_teachers_resolve():

@@ -7,7 +7,13 @@ add up to the step's; the per-prompt choice is the same on a resume."""
 import pytest
 import torch
 
-from rayskd.batch import DATASET, STUDENT, LearnerShare, RolloutShard, TeacherScores, gkd_origins, pad_rows, summarize
+import json
+import os
+
+from rayskd.batch import (
+    DATASET, STUDENT, TEACHER, PromptBatch, RolloutShard, TeacherScores, concat_shards, gkd_origins, pad_rows,
+    split_prompts, split_shard, summarize, teacher_last,
+)
 from rayskd.config import AlgorithmConfig, KDConfig, LearnerConfig
 from rayskd.learner import learner_shares, micro_batch_loss, share_micro_batches
 from rayskd.losses import group_advantages, importance_weights, policy_gradient_term, teacher_term
@@ -62,7 +68,8 @@ def test_grpo_sees_the_students_samples_only_and_the_teacher_term_all():
     assert by[1] == 5 and by[3] == 6
     assert by[0] + by[2] == pytest.approx(metrics.kd_k1_sum, abs=1e-12) and by[1] + by[3] == metrics.kd_tokens
     rec = metrics.record(ALGO)["kd_divergence_by_origin"]
-    assert rec == pytest.approx({"student": by[0] / 5, "dataset": by[2] / 6})
+    assert rec["teacher"] is None and {k: rec[k] for k in ("student", "dataset")} == pytest.approx(
+        {"student": by[0] / 5, "dataset": by[2] / 6})
 
     # a dataset row's sampler log-probs (there is no sampler) reach nothing: loss, gradient, metrics
     logp2 = logp.detach().clone().requires_grad_(True)
@@ -77,3 +84,52 @@ def test_the_per_prompt_choice_is_a_function_of_seed_and_step():
     assert a == gkd_origins(3, 7, 4000, 0.25) and a != gkd_origins(3, 8, 4000, 0.25)
     assert abs(a.count(STUDENT) / 4000 - 0.25) < 0.03
     assert set(gkd_origins(0, 0, 100, 1.0)) == {STUDENT} and set(gkd_origins(0, 0, 100, 0.0)) == {DATASET}
+
+
+def test_the_teachers_prompts_form_requests_of_their_own_however_a_step_is_cut():
+    """Each request goes to one kind of engine: after `teacher_last`, every cut (the step's
+    requests, or a resume's re-split of its saved samples) keeps the teacher's prompts apart."""
+    origins = gkd_origins(0, 3, 24, 0.5, TEACHER)
+    prompts = teacher_last(PromptBatch(list(range(24)), [[i] for i in range(24)], ["p"] * 24, ["a"] * 24, origins))
+    assert sorted(prompts.uids) == list(range(24)) and prompts.origins == sorted(origins, key=lambda o: o == TEACHER)
+    for count in (2, 3, 4, 6):
+        parts = split_prompts(prompts, count)
+        assert len(parts) == count and all(p.uids for p in parts)
+        assert all(len(set(o == TEACHER for o in p.origins)) == 1 for p in parts), count
+        whole = concat_shards([RolloutShard(pad_rows([[1]] * 2 * len(p.uids)), torch.ones(2 * len(p.uids)),
+                                            pad_rows([[2]] * 2 * len(p.uids)), torch.ones(2 * len(p.uids)),
+                                            torch.zeros(2 * len(p.uids), 1), torch.zeros(2 * len(p.uids)),
+                                            torch.zeros(2 * len(p.uids), dtype=torch.bool),
+                                            torch.tensor([u for u in p.uids for _ in range(2)]), 2, 0,
+                                            origin_N=torch.tensor([o for o in p.origins for _ in range(2)],
+                                                                  dtype=torch.int8)) for p in parts])
+        for other in (2, 3, 4):  # a resume on another layout re-splits the samples the same way
+            cut = split_shard(whole, other)
+            assert [s.uids_N[::2].tolist() for s in cut] == [p.uids for p in split_prompts(prompts, other)]
+
+
+@pytest.mark.slow
+def test_gkd_on_the_teachers_samples_end_to_end(demo_assets, tmp_path, no_leftover_engines):
+    """GKD with lambda 0.5 on the teacher's samples (issue 29.2): the teacher's own vLLM engine
+    generates half the prompts' sequences. They solve the demo far more often than the
+    student's; the k1 mean over them, log pi_theta - log pi_T on the teacher's samples, estimates
+    -KL(teacher || student), so it is negative where the student's is positive; the student's
+    staleness is counted without them."""
+    from test_system import demo_paths, metrics, rayskd
+
+    assets, _ = demo_assets
+    run = tmp_path / "run"
+    r = rayskd("train", os.path.abspath("configs/demo.yaml"), *demo_paths(assets), "run.steps=2", "run.eval_every=0",
+               f"run.output_dir={run}", "algorithm.gkd.lmbda=0.5", "algorithm.gkd.off_policy=teacher",
+               "teacher.generation.num_workers=1", "algorithm.kd.estimator=topk", "teacher.top_k=8",
+               "algorithm.kd.divergence=generalized_jsd", "algorithm.kd.beta=0.5", "algorithm.max_staleness=1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = metrics(run)
+    for m in rows:
+        n, reward, kl = m["sequences_by_origin"], m["reward_by_origin"], m["kd_divergence_by_origin"]
+        assert n["student"] + n["teacher"] == 256 and n["teacher"] > 0 and n["dataset"] == 0
+        assert reward["teacher"] > reward["student"] + 0.3, reward
+        assert kl["teacher"] < 0 < kl["student"], kl
+    assert [m["weights_version_sampled"] for m in rows] == [0, 0] and [m["staleness_max"] for m in rows] == [0, 1]
+    assert json.load(open(run / "placement.json"))["teacher_rollout"]
+    assert (run / "logs" / "teacher_rollout_0.log").stat().st_size > 0
