@@ -24,9 +24,10 @@ def length_mask(lengths_N: torch.Tensor, width: int) -> torch.Tensor:
 
 
 # where a sequence comes from (docs/algorithms.md, "Sequences of other origins"): the student's
-# own sample, the dataset's reference response, or the teacher's sample (GKD's off-policy ones)
-ORIGINS = ("student", "dataset", "teacher")
-STUDENT, DATASET, TEACHER = 0, 1, 2
+# own sample, the dataset's reference response, the teacher's sample (GKD's off-policy ones), or
+# the student's proposals with the teacher's corrections (SKD)
+ORIGINS = ("student", "dataset", "teacher", "mixed")
+STUDENT, DATASET, TEACHER, MIXED = 0, 1, 2, 3  # mixed: the student's proposals, corrected by the teacher (SKD)
 
 
 @dataclass
@@ -114,9 +115,13 @@ def batch_stats(summaries: list[RolloutSummary]) -> dict:
 def origin_stats(summaries: list[RolloutSummary], rewards: torch.Tensor) -> dict:
     """Sequences and mean reward per origin (ORIGINS), when a step has more than the student's."""
     origin = torch.tensor([o for s in summaries for o in (s.origin or [STUDENT] * len(s.uids))])
+    out = {}
+    proposed = sum(s.stats.get("skd_proposed", 0) for s in summaries)
+    if proposed:  # speculative KD: the share of the student's proposed tokens the teacher kept
+        out["skd_acceptance"] = sum(s.stats.get("skd_accepted", 0) for s in summaries) / proposed
     if not bool((origin != STUDENT).any()):
-        return {}
-    return {"sequences_by_origin": {name: int((origin == i).sum()) for i, name in enumerate(ORIGINS)},
+        return out
+    return {**out,"sequences_by_origin": {name: int((origin == i).sum()) for i, name in enumerate(ORIGINS)},
             "reward_by_origin": {name: float(rewards[origin == i].mean()) if bool((origin == i).any()) else None
                                  for i, name in enumerate(ORIGINS)}}
 

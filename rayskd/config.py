@@ -277,6 +277,15 @@ class GKDConfig:
 
 
 @dataclass(frozen=True)
+class SKDConfig:
+    """Speculative KD (arXiv 2410.11325; docs/algorithms.md, "Speculative KD")."""
+    # > 0: every sequence is the student's proposals, block by block, each token outside the
+    # teacher's top-K replaced by the teacher's draw (and the block cut there)
+    top_k: int = 0
+    block: int = 4  # tokens the student proposes per round
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     prompts_per_step: int = 8
     advantage: str = "grpo"
@@ -296,6 +305,7 @@ class AlgorithmConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
+    skd: SKDConfig = field(default_factory=SKDConfig)
 
 
 @dataclass(frozen=True)
@@ -558,6 +568,17 @@ def validate(cfg: Config) -> None:
     _check(gen.num_workers >= 0, "teacher.generation.num_workers", "must be >= 0 (0: the teacher does not generate)")
     _gpus("teacher.generation.gpus_per_worker", gen.gpus_per_worker)
     _check(gen.tensor_parallel_size >= 1, "teacher.generation.tensor_parallel_size", "must be >= 1")
+    _check(algo.skd.top_k >= 0, "algorithm.skd.top_k", "must be >= 0 (0: no speculative KD)")
+    _check(algo.skd.block >= 1, "algorithm.skd.block", "must be >= 1")
+    if algo.skd.top_k:
+        _check(algo.gkd.lmbda == 1, "algorithm.gkd.lmbda", "speculative KD builds every sequence: leave lmbda at 1")
+        _check(algo.pg_coef == 0, "algorithm.pg_coef",
+               "speculative KD's sequences are not the student's samples, which the GRPO term needs: set 0")
+        _check(teacher.tensor_parallel_size == 1 and not teacher.others, "algorithm.skd.top_k",
+               "speculative KD asks one teacher scorer of one rank (teacher.tensor_parallel_size=1, no teacher.others)")
+        _check(TEACHER_ESTIMATORS[kd.estimator].distribution and not kd.estimator.startswith("minillm"),
+               "algorithm.kd.estimator", "speculative KD's sequences are not the student's samples: use a "
+               "distribution estimator (topk, full, sparse)")
     if algo.gkd.lmbda < 1 and algo.gkd.off_policy == "teacher":
         _check(gen.num_workers >= 1, "teacher.generation.num_workers",
                "algorithm.gkd.off_policy=teacher samples from the teacher: give it engines (>= 1)")

@@ -43,6 +43,7 @@ class StepRecord:
     kd_divergence_by_origin: dict | None = None
     sequences_by_origin: dict | None = None
     reward_by_origin: dict | None = None
+    skd_acceptance: float | None = None  # speculative KD: proposed tokens the teacher kept
     kd_weight_mean: float | None = None  # the teacher term's importance weight, over its tokens
     entropy: float | None = None
     clip_frac: float | None = None

@@ -74,7 +74,8 @@ class ReadyBatch:
 class RolloutPipeline:
     def __init__(self, pool: RolloutPool, teachers: list[ActorGroup], prompts_for: Callable[[int], PromptBatch],
                  requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None],
-                 teacher_of: list[int] | None = None, teacher_pool: RolloutPool | None = None):
+                 teacher_of: list[int] | None = None, teacher_pool: RolloutPool | None = None,
+                 skd: tuple[int, int] | None = None):
         """`prompts_for(step)` draws the prompts of `step` (called once per step, in order).
         `teachers`: each teacher's pool; `teacher_of`: each dataset row's teacher (routed), or
         None: every teacher scores every sequence (one teacher, or an ensemble). `teacher_pool`:
@@ -82,6 +83,7 @@ class RolloutPipeline:
         self.pool, self.teachers, self.prompts_for, self.teacher_pool = pool, teachers, prompts_for, teacher_pool
         self.requests_per_step, self.max_staleness, self.end_step = requests_per_step, max_staleness, end_step
         self.event, self.teacher_of = event, teacher_of
+        self.skd, self.skd_next = skd, 0  # speculative KD's (top_k, block), the teacher worker it asks next
         self.inflight: dict[int, list[Request]] = {}
         self.scoring: list[tuple[tuple[int, int], object]] = []  # ((teacher, worker), ref) not known to be finished
 
@@ -109,6 +111,11 @@ class RolloutPipeline:
             r.engine, r.shard, r.summary_ref = -1, None, None
             return
         r.engine = min(load, key=load.get)
+        if self.skd is not None and not r.by_teacher:  # the student proposes, a teacher scorer corrects
+            scorer = self.teachers[0].actors[self.skd_next % self.teachers[0].workers]
+            self.skd_next += 1
+            r.shard, r.summary_ref = pool.generate_skd(r.engine, r.prompts, r.step, scorer, *self.skd)
+            return
         r.shard, r.summary_ref = pool.generate(r.engine, r.prompts, r.step)
 
     def _pool(self, r: Request) -> RolloutPool:

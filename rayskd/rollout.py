@@ -229,6 +229,49 @@ class RolloutEngine:
             truncated_N=torch.tensor(truncated), uids_N=torch.tensor(uids), group_size=n,
             weights_version=self.version, stats=stats, origin_N=torch.tensor(origins, dtype=torch.int8))
 
+    # ---- the teacher in the sampling loop (speculative.py): this engine proposes, packs ----
+
+    def skd_spec(self, prompts: PromptBatch, step: int) -> dict:
+        """What the loop needs to know of this engine's settings for a request."""
+        return {"group_size": self.cfg.samples_per_prompt, "max_new_tokens": self.cfg.max_new_tokens,
+                "seed": call_seed(self.seed, step, prompts.uids), "stop_ids": list(self.stop_ids)}
+
+    def propose(self, prefixes: list[list[int]], lengths: list[int], seed: int) -> list[list[int]]:
+        """One sample of at most lengths[i] tokens continuing each prefix (the rollout settings,
+        seeded by `seed` like a generate call)."""
+        from vllm import SamplingParams
+
+        base = self._params(1, False)
+        params = [SamplingParams(n=1, temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
+                                 max_tokens=n, logit_bias=self.padding_bias, **self._stops()) for n in lengths]
+        with engine_alive():
+            self.llm.collective_rpc("rayskd_seed", args=(seed,))
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prefixes], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def pack(self, prompts: PromptBatch, responses: list[list[int]], origin: int,
+             stats: dict) -> tuple[RolloutShard, RolloutSummary]:
+        """A request's shard from responses made elsewhere (G per prompt, in order): rewarded
+        here, with no sampler log-probs (none drew them whole)."""
+        n = len(responses) // len(prompts.uids)
+        items = []
+        for j, ids in enumerate(responses):
+            i = j // n
+            text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+            items.append((prompts.prompts[i], text, prompts.answers[i]))
+        rewards, reward_stats = self.rewards.score(items)
+        rows = [prompts.prompt_ids[j // n] for j in range(len(responses))]
+        truncated = [len(r) >= self.cfg.max_new_tokens and not any(t in self.stop_ids for t in r) for r in responses]
+        shard = RolloutShard(
+            prompt_ids_NP=pad_rows(rows), prompt_len_N=torch.tensor([len(r) for r in rows]),
+            response_ids_NR=pad_rows(responses), response_len_N=torch.tensor([len(r) for r in responses]),
+            sampler_logp_NR=pad_rows([[0.0] * len(r) for r in responses], 0.0, torch.float32),
+            rewards_N=torch.tensor(rewards), truncated_N=torch.tensor(truncated),
+            uids_N=torch.tensor([prompts.uids[j // n] for j in range(len(responses))]), group_size=n,
+            weights_version=self.version, stats={**reward_stats, **stats},
+            origin_N=torch.full((len(responses),), origin, dtype=torch.int8))
+        return shard, summarize(shard)
+
     def _reference(self, answer: str) -> tuple[list[int], list[float], bool]:
         """A dataset response (GKD's off-policy sequence): the reference's tokens and the end of
         sequence, at most rollout.max_new_tokens (cut: truncated); no sampler drew it (log-probs 0,

@@ -10,7 +10,7 @@ import os
 import torch
 
 from .actor_logs import log_to_file
-from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches, select_rows
+from .batch import RolloutShard, TeacherScores, forward_fields, micro_batches, pad_rows, select_rows
 from .config import TeacherConfig
 from .losses import hidden_logprobs, hidden_topk_logprobs
 from .losses.sparse import hidden_sampled_logprobs, row_uniforms
@@ -79,6 +79,32 @@ class TeacherScorer:
 
     def ready(self) -> bool:
         return True
+
+    @torch.no_grad()
+    def judge(self, prefixes: list[list[int]], proposals: list[list[int]], top_k: int,
+              seed: int) -> list[tuple[int, int]] | None:
+        """Speculative KD's verdict on each proposal (speculative.py): how many of its tokens,
+        from the first, lie in this teacher's top-`top_k` at their position (at
+        teacher.temperature), and a token drawn from its distribution at the first that does not
+        (-1 when all do). The draw is seeded by `seed` and the row."""
+        n = len(prefixes)
+        width = max([len(p) for p in proposals] + [1])
+        shard_fields = (pad_rows(prefixes), torch.tensor([len(p) for p in prefixes]),
+                        pad_rows(proposals, width=width), torch.tensor([len(p) for p in proposals]))
+        h = response_hidden(self.model, *shard_fields, self.device)
+        logits = (h.float() @ self.head[:self.vocab_size].float().T) / self.cfg.temperature
+        top = logits.topk(min(top_k, self.vocab_size), dim=-1).indices.cpu()  # [N, R, K]
+        out = []
+        for i, proposal in enumerate(proposals):
+            inside = [int(t) in set(top[i, j].tolist()) for j, t in enumerate(proposal)]
+            taken = inside.index(False) if False in inside else len(proposal)
+            if taken == len(proposal):
+                out.append((taken, -1))
+                continue
+            g = torch.Generator().manual_seed((seed + 1_000_003 * i) % (2 ** 62))
+            probs = torch.softmax(logits[i, taken].double().cpu(), -1)
+            out.append((taken, int(torch.multinomial(probs, 1, generator=g))))
+        return out if self.rank == 0 else None
 
     @torch.no_grad()
     def score(self, shard: RolloutShard, rows: list[int] | None = None) -> TeacherScores | None:

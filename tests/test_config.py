@@ -69,6 +69,8 @@ def test_overrides_and_read_only():
     ("algorithm.gkd.lmbda=1.5", "algorithm.gkd.lmbda"),
     ("algorithm.gkd.lmbda=0.5", "algorithm.kd.estimator"),  # k2 on a dataset response estimates nothing
     ("algorithm.gkd.off_policy=replay", "algorithm.gkd.off_policy"),
+    ("algorithm.skd.top_k=2", "algorithm.pg_coef"),  # its sequences are not the student's samples
+    ("algorithm.skd.block=0", "algorithm.skd.block"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

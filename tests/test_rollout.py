@@ -152,3 +152,50 @@ def test_generation_ends_at_every_eos_id_and_at_stop_strings(demo_assets, tmp_pa
         assert truncated == (kind == "length") and (kind != "length" or n == 4), (text, truncated)
         ends[kind] += 1
     assert ends["nine"] > 0 and ends["stop"] > 0 and ends["eos"] > 0, ends
+
+
+@pytest.mark.parametrize("top_k", [13, 2])
+def test_speculative_kd_differs_from_the_students_sample_exactly_where_the_teacher_rejected(engine, demo_assets,
+                                                                                           top_k):
+    """Speculative KD (issue 29.5) with the real engine and teacher, a block as long as a
+    response: each sequence is the student's own sample (the engine's draw with the same seed)
+    up to the first token the teacher rejected; every token before it lies in the teacher's
+    top-K, the rejected one does not (both checked against the teacher's own forward). With
+    K = the whole vocabulary nothing is rejected and the sequence is the student's sample."""
+    import torch
+
+    from rayskd.config import load_config
+    from rayskd.speculative import skd_round_seed, speculative_sequences
+    from rayskd.teacher import TeacherScorer
+
+    eng, _, tokenizer_len = engine
+    assets, _ = demo_assets
+    cfg = load_config(DEMO, [f"teacher.path={assets}/teacher", "teacher.dtype=float32"])
+    teacher = TeacherScorer(cfg.teacher.path, cfg.teacher, tokenizer_len)
+    texts = ["07+45=", "38+19=", "90+09=", "55+55="]
+    rows = [ids for t in texts for ids in prompts([0], t).prompt_ids for _ in range(3)]
+    n, seed = eng.cfg.max_new_tokens, 11
+    plain = eng.propose(rows, [n] * len(rows), skd_round_seed(seed, 0))  # the student's samples
+    responses, stats, replaced = speculative_sequences(
+        eng.propose, lambda p, q, s: teacher.judge(p, q, top_k, s), rows, max_new_tokens=n, block=n, seed=seed,
+        stop_ids=set(eng.stop_ids))
+
+    def teacher_top(prefix):
+        with torch.no_grad():
+            logits = teacher.model(torch.tensor([prefix])).logits[0, -1, :tokenizer_len]
+        return set(logits.topk(top_k).indices.tolist())
+
+    rejected = 0
+    for row, sample, response, where in zip(rows, plain, responses, replaced):
+        first = where[0] if where else len(sample)
+        assert response[:first] == sample[:first]
+        assert all(sample[j] in teacher_top(row + sample[:j]) for j in range(first))
+        if where:
+            assert sample[first] not in teacher_top(row + sample[:first])
+            rejected += 1
+        else:
+            assert response == sample
+    if top_k == 13:
+        assert rejected == 0 and stats["skd_accepted"] == stats["skd_proposed"]
+    else:
+        assert rejected > 0 and stats["skd_accepted"] < stats["skd_proposed"]
