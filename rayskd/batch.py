@@ -26,8 +26,10 @@ def length_mask(lengths_N: torch.Tensor, width: int) -> torch.Tensor:
 # where a sequence comes from (docs/algorithms.md, "Sequences of other origins"): the student's
 # own sample, the dataset's reference response, the teacher's sample (GKD's off-policy ones), or
 # the student's proposals with the teacher's corrections (SKD)
-ORIGINS = ("student", "dataset", "teacher", "mixed")
-STUDENT, DATASET, TEACHER, MIXED = 0, 1, 2, 3  # mixed: the student's proposals, corrected by the teacher (SKD)
+ORIGINS = ("student", "dataset", "teacher", "mixed", "mixture")
+# mixed: the student's proposals, corrected by the teacher (SKD); mixture: drawn token by token
+# from alpha pi_T + (1 - alpha) pi_theta (MiniLLM), a behaviour policy the learner knows
+STUDENT, DATASET, TEACHER, MIXED, MIXTURE = 0, 1, 2, 3, 4
 
 
 @dataclass

@@ -227,6 +227,10 @@ class MiniLLMConfig:
     exact gradient of the sequence-level reverse KL; these trade that for less variance."""
     gamma: float = 0.95
     length_norm: bool = True
+    # > 0: MiniLLM's teacher-mixed sampling: each token drawn from mix_alpha pi_T + (1 - mix_alpha)
+    # pi_theta (the teacher in the sampling loop, speculative.py), the teacher term importance-
+    # weighted by pi_theta / that mixture (the paper's 0.2)
+    mix_alpha: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -579,6 +583,17 @@ def validate(cfg: Config) -> None:
         _check(TEACHER_ESTIMATORS[kd.estimator].distribution and not kd.estimator.startswith("minillm"),
                "algorithm.kd.estimator", "speculative KD's sequences are not the student's samples: use a "
                "distribution estimator (topk, full, sparse)")
+    alpha = kd.minillm.mix_alpha
+    _check(0 <= alpha < 1, "algorithm.kd.minillm.mix_alpha", f"must be in [0, 1), got {alpha}")
+    if alpha:
+        _check(algo.gkd.lmbda == 1 and not algo.skd.top_k, "algorithm.kd.minillm.mix_alpha",
+               "the teacher-mixed sampling builds every sequence: not with algorithm.gkd.lmbda < 1 or algorithm.skd")
+        _check(teacher.tensor_parallel_size == 1 and not teacher.others, "algorithm.kd.minillm.mix_alpha",
+               "the mixed sampling asks one teacher scorer of one rank (teacher.tensor_parallel_size=1, no teacher.others)")
+        # the behaviour policy alpha pi_T + (1 - alpha) pi_theta is taken with the learner's pi_theta:
+        # the weights that sampled only while no sample is older than the update
+        _check(algo.max_staleness == 0, "algorithm.max_staleness",
+               "the teacher-mixed sampling's weights use the learner's pi_theta as the sampler's: needs 0")
     if algo.gkd.lmbda < 1 and algo.gkd.off_policy == "teacher":
         _check(gen.num_workers >= 1, "teacher.generation.num_workers",
                "algorithm.gkd.off_policy=teacher samples from the teacher: give it engines (>= 1)")

@@ -13,7 +13,7 @@ import torch
 from . import learner_state
 from .actor_logs import log_to_file
 from .batch import (
-    ORIGINS, STUDENT, LearnerShare, RehearsalRows, RolloutSummary, combine_scores, concat_scores, concat_shards,
+    MIXTURE, ORIGINS, STUDENT, LearnerShare, RehearsalRows, RolloutSummary, combine_scores, concat_scores, concat_shards,
     forward_fields, micro_batches,
 )
 from .config import AlgorithmConfig, LearnerConfig
@@ -253,6 +253,9 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
     own_NR = mb.mask_NR if mb.origin_N is None else mb.mask_NR * (mb.origin_N == STUDENT)[:, None]
     sampler_logp = mb.sampler_logp_NR if mb.origin_N is None else torch.where(
         (mb.origin_N == STUDENT)[:, None], mb.sampler_logp_NR, logp.detach())
+    if mb.origin_N is not None and bool((mb.origin_N == MIXTURE).any()):  # MiniLLM's mixed sampling
+        sampler_logp = torch.where((mb.origin_N == MIXTURE)[:, None],
+                                   mixture_logp(mb.teacher_logp_NR, logp.detach(), kd.minillm.mix_alpha), sampler_logp)
     w = importance_weights(logp, sampler_logp, algo.tis_cap, kd.is_cap)
     pg, clipped = policy_gradient_term(logp, mb.advantages_N, own_NR, w, clip_low=algo.clip_low,
                                        clip_high=algo.clip_high, aggregation=algo.aggregation, norm_len=norm_len,
@@ -283,6 +286,12 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
     names = ("tokens", "sampled_tokens", "policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "kd_weight_sum",
              "entropy_sum", "clip_sum", "mismatch_k3_sum", "tis_weight_sum", "mismatch_max")
     return loss, StepMetrics(**dict(zip(names, sums)), kd_k1_by_teacher=by_teacher, kd_k1_by_origin=by_origin)
+
+
+def mixture_logp(teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(alpha pi_T + (1 - alpha) pi_theta) of the tokens: the behaviour policy of MiniLLM's
+    teacher-mixed sampling, whose ratio pi_theta / it weights the teacher term."""
+    return torch.logaddexp(math.log(alpha) + teacher_logp, math.log1p(-alpha) + student_logp)
 
 
 def _k1_by_group(diff: torch.Tensor, kd_mask: torch.Tensor, group_N: torch.Tensor, groups: int) -> tuple:

@@ -75,7 +75,7 @@ class RolloutPipeline:
     def __init__(self, pool: RolloutPool, teachers: list[ActorGroup], prompts_for: Callable[[int], PromptBatch],
                  requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None],
                  teacher_of: list[int] | None = None, teacher_pool: RolloutPool | None = None,
-                 skd: tuple[int, int] | None = None):
+                 skd: tuple | None = None):
         """`prompts_for(step)` draws the prompts of `step` (called once per step, in order).
         `teachers`: each teacher's pool; `teacher_of`: each dataset row's teacher (routed), or
         None: every teacher scores every sequence (one teacher, or an ensemble). `teacher_pool`:
@@ -83,7 +83,8 @@ class RolloutPipeline:
         self.pool, self.teachers, self.prompts_for, self.teacher_pool = pool, teachers, prompts_for, teacher_pool
         self.requests_per_step, self.max_staleness, self.end_step = requests_per_step, max_staleness, end_step
         self.event, self.teacher_of = event, teacher_of
-        self.skd, self.skd_next = skd, 0  # speculative KD's (top_k, block), the teacher worker it asks next
+        # the teacher in the sampling loop: (verdict, its parameter, block), and the scorer asked next
+        self.skd, self.skd_next = skd, 0
         self.inflight: dict[int, list[Request]] = {}
         self.scoring: list[tuple[tuple[int, int], object]] = []  # ((teacher, worker), ref) not known to be finished
 

@@ -200,12 +200,13 @@ class RolloutPool:
         """Start engine i generating `prompts` for `step`: refs to (its shard, its summary)."""
         return self.actors[i].generate_with_summary.options(num_returns=2).remote(prompts, step)
 
-    def generate_skd(self, i: int, prompts: PromptBatch, step: int, teacher, top_k: int, block: int) -> tuple:
-        """Start a speculative-KD request on engine i with the teacher scorer `teacher`
-        (speculative.py): refs to (its shard, its summary)."""
+    def generate_skd(self, i: int, prompts: PromptBatch, step: int, teacher, verdict: str, param: float,
+                     block: int) -> tuple:
+        """Start a request with the teacher in the sampling loop on engine i and the teacher scorer
+        `teacher` (speculative.py: SKD's `judge`, MiniLLM's `mix`): refs to (its shard, its summary)."""
         from .speculative import skd_generate
 
-        return skd_generate.remote(self.actors[i], teacher, prompts, step, top_k, block)
+        return skd_generate.remote(self.actors[i], teacher, prompts, step, verdict, param, block)
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[list[float]]:
         """Every engine's log-probs of a fixed sequence (to check the weights it serves)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ray
 
-from .batch import MIXED, PromptBatch
+from .batch import MIXED, MIXTURE, PromptBatch
 
 
 def skd_round_seed(step_seed: int, round_index: int) -> int:
@@ -56,13 +56,17 @@ def speculative_sequences(propose, judge, rows: list[list[int]], *, max_new_toke
 
 
 @ray.remote(num_cpus=0, num_returns=2, max_retries=0)
-def skd_generate(engine, teacher, prompts: PromptBatch, step: int, top_k: int, block: int):
-    """One request's sequences by SKD: G per prompt, each grown by the student's engine and the
-    teacher scorer in turns; rewarded and packed by the engine. Returns (shard, summary)."""
+def skd_generate(engine, teacher, prompts: PromptBatch, step: int, verdict: str, param: float, block: int):
+    """One request's sequences with the teacher in the loop: G per prompt, each grown by the
+    student's engine and the teacher scorer in turns, rewarded and packed by the engine.
+    `verdict`: judge (SKD: `param` is the top-K) or mix (MiniLLM: `param` is alpha, blocks of
+    one token). Returns (shard, summary)."""
     spec = ray.get(engine.skd_spec.remote(prompts, step))
     rows = [ids for ids in prompts.prompt_ids for _ in range(spec["group_size"])]
+    judge = getattr(teacher, verdict)
     responses, stats, _ = speculative_sequences(
         lambda prefixes, lengths, seed: ray.get(engine.propose.remote(prefixes, lengths, seed)),
-        lambda prefixes, proposals, seed: ray.get(teacher.judge.remote(prefixes, proposals, top_k, seed)),
+        lambda prefixes, proposals, seed: ray.get(judge.remote(prefixes, proposals, param, seed)),
         rows, max_new_tokens=spec["max_new_tokens"], block=block, seed=spec["seed"], stop_ids=set(spec["stop_ids"]))
-    return tuple(ray.get(engine.pack.options(num_returns=2).remote(prompts, responses, MIXED, stats)))
+    origin = MIXED if verdict == "judge" else MIXTURE
+    return tuple(ray.get(engine.pack.options(num_returns=2).remote(prompts, responses, origin, stats)))

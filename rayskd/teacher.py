@@ -107,6 +107,26 @@ class TeacherScorer:
         return out if self.rank == 0 else None
 
     @torch.no_grad()
+    def mix(self, prefixes: list[list[int]], proposals: list[list[int]], alpha: float,
+            seed: int) -> list[tuple[int, int]] | None:
+        """MiniLLM's teacher-mixed sampling, one token per row (speculative.py): with probability
+        `alpha` a token drawn from this teacher's distribution after the prefix replaces the
+        student's proposed one, (0, draw); else the proposal stands, (1, -1). Seeded by `seed`
+        and the row: the choice and the draw are a draw from alpha pi_T + (1 - alpha) pi_theta."""
+        shard_fields = (pad_rows(prefixes), torch.tensor([len(p) for p in prefixes]),
+                        pad_rows([p[:1] or [0] for p in proposals]), torch.ones(len(prefixes), dtype=torch.long))
+        h = response_hidden(self.model, *shard_fields, self.device)[:, 0]
+        logits = (h.float() @ self.head[:self.vocab_size].float().T) / self.cfg.temperature
+        out = []
+        for i, proposal in enumerate(proposals):
+            g = torch.Generator().manual_seed((seed + 1_000_003 * i) % (2 ** 62))
+            if float(torch.rand((), generator=g, dtype=torch.float64)) >= alpha and proposal:
+                out.append((1, -1))
+                continue
+            out.append((0, int(torch.multinomial(torch.softmax(logits[i].double().cpu(), -1), 1, generator=g))))
+        return out if self.rank == 0 else None
+
+    @torch.no_grad()
     def score(self, shard: RolloutShard, rows: list[int] | None = None) -> TeacherScores | None:
         """Scores in micro-batches (of `micro_batch_size` rows, or by `max_tokens_per_batch`
         length-grouped), each cut to its own widths and written back in the shard's order

@@ -18,7 +18,7 @@ import ray
 
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
-from .batch import DATASET, MIXED, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, teacher_last
+from .batch import DATASET, MIXED, MIXTURE, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, teacher_last
 from .config import (
     Config, engines_sleep, requests_per_step, teacher_coefs, teacher_generates, teacher_names, teacher_paths, to_yaml,
 )
@@ -209,7 +209,9 @@ class Trainer:
         if self._started_ray:  # the actors' processes too (and what they started: vLLM's engine core)
             with open(os.path.join(run_dir, RAY_PROCESSES), "w") as f:
                 json.dump(ray_processes(), f)
-        skd = (cfg.algorithm.skd.top_k, cfg.algorithm.skd.block) if cfg.algorithm.skd.top_k else None
+        algo = cfg.algorithm
+        skd = (("judge", algo.skd.top_k, algo.skd.block) if algo.skd.top_k else
+               ("mix", algo.kd.minillm.mix_alpha, 1) if algo.kd.minillm.mix_alpha else None)
         self.pipeline = RolloutPipeline(self.rollout, self.teachers, self._next_prompts, requests_per_step(cfg),
                                         cfg.algorithm.max_staleness, cfg.run.steps, self.log.event, inputs.teacher_of,
                                         self.teacher_rollout, skd)
@@ -331,6 +333,8 @@ class Trainer:
             batch.origins = gkd_origins(self.cfg.run.seed, step, len(batch.uids), gkd.lmbda, off)
         if self.cfg.algorithm.skd.top_k:  # every sequence: the student's proposals, the teacher's corrections
             batch.origins = [MIXED] * len(batch.uids)
+        if self.cfg.algorithm.kd.minillm.mix_alpha:  # every sequence drawn from the teacher-student mixture
+            batch.origins = [MIXTURE] * len(batch.uids)
         return teacher_last(batch)
 
     def sync_weights(self, version: int | None = None) -> float:

@@ -71,6 +71,7 @@ def test_overrides_and_read_only():
     ("algorithm.gkd.off_policy=replay", "algorithm.gkd.off_policy"),
     ("algorithm.skd.top_k=2", "algorithm.pg_coef"),  # its sequences are not the student's samples
     ("algorithm.skd.block=0", "algorithm.skd.block"),
+    ("algorithm.kd.minillm.mix_alpha=1", "algorithm.kd.minillm.mix_alpha"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -149,6 +150,13 @@ def test_teacher_samples_need_the_teachers_engines_and_two_requests():
     with pytest.raises(ConfigError, match="at least 2 requests") as e:
         load_config(DEMO, [*gkd, "teacher.generation.num_workers=1", "rollout.prompts_per_request=32"])
     assert e.value.key == "rollout.prompts_per_request"
+
+
+def test_mixed_sampling_needs_the_learners_weights_to_be_the_samplers():
+    load_config(DEMO, ["algorithm.kd.minillm.mix_alpha=0.2", "algorithm.kd.estimator=minillm"])
+    with pytest.raises(ConfigError, match="needs 0") as e:
+        load_config(DEMO, ["algorithm.kd.minillm.mix_alpha=0.2", "algorithm.max_staleness=1"])
+    assert e.value.key == "algorithm.max_staleness"
 
 
 def test_several_teachers_resolve():

@@ -19,7 +19,7 @@ def test_demo_assets(demo_assets):
     assert on_disk["teacher_accuracy"] >= 0.9
     assert on_disk["student_accuracy"] < 0.3
     row = json.loads(open(os.path.join(path, "train.jsonl")).readline())
-    assert set(row) == {"prompt", "answer"}
+    assert set(row) == {"prompt", "answer", "domain"}  # (domain: a field to route teachers by)
 
 
 def test_tokenizer_round_trips_through_autotokenizer(demo_assets):

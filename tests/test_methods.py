@@ -82,6 +82,8 @@ def test_every_row_trains_two_steps_on_the_demo(method, overrides, request, tmp_
             assert "rehearsal_loss" in m, m
         if cfg.algorithm.skd.top_k:  # speculative KD reports how much of the student's proposals the teacher kept
             assert 0 < m["skd_acceptance"] < 1 and m["sequences_by_origin"]["mixed"] == 256, m
+        if cfg.algorithm.kd.minillm.mix_alpha:  # about 1 - alpha of the tokens are the student's
+            assert 0.6 < m["skd_acceptance"] < 0.95 and m["sequences_by_origin"]["mixture"] == 256, m
         if cfg.algorithm.gkd.lmbda < 1:  # the off-policy origin's sequences are there, beside the student's
             off = cfg.algorithm.gkd.off_policy
             assert m["sequences_by_origin"][off] > 0 and m["kd_divergence_by_origin"][off] is not None, m

@@ -14,7 +14,7 @@ from rayskd.batch import (
     DATASET, STUDENT, TEACHER, PromptBatch, RolloutShard, TeacherScores, concat_shards, gkd_origins, pad_rows,
     split_prompts, split_shard, summarize, teacher_last,
 )
-from rayskd.config import AlgorithmConfig, KDConfig, LearnerConfig
+from rayskd.config import AlgorithmConfig, KDConfig, LearnerConfig, MiniLLMConfig
 from rayskd.learner import learner_shares, micro_batch_loss, share_micro_batches
 from rayskd.losses import group_advantages, importance_weights, policy_gradient_term, teacher_term
 
@@ -133,3 +133,38 @@ def test_gkd_on_the_teachers_samples_end_to_end(demo_assets, tmp_path, no_leftov
     assert [m["weights_version_sampled"] for m in rows] == [0, 0] and [m["staleness_max"] for m in rows] == [0, 1]
     assert json.load(open(run / "placement.json"))["teacher_rollout"]
     assert (run / "logs" / "teacher_rollout_0.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.6])
+def test_mixed_sampling_weights_make_the_teacher_term_the_on_policy_one_in_expectation(alpha):
+    """MiniLLM's teacher-mixed sampling (issue 29.6): tokens drawn from mu = alpha pi_T +
+    (1 - alpha) pi_theta, the teacher term weighted by sg(pi_theta / mu). Over every token of
+    a 7-token vocabulary, each once as a `mixture` sequence through the learner's loss: the loss
+    is the mean of sg(pi_theta / mu) k2, and its mu-expected gradient is the on-policy one,
+    grad KL(pi_theta || pi_T) (without the weight, the ratio 1, it is not)."""
+    from rayskd.batch import MIXTURE
+    from rayskd.learner import mixture_logp
+    from rayskd.losses import kl_estimator
+
+    V = 7
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(V, generator=g, dtype=torch.float64).requires_grad_(True)
+    teacher = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    # pi_theta / mu <= 1 / (1 - alpha): no truncation at this cap (the default 2 truncates above alpha 0.5)
+    algo = AlgorithmConfig(kd=KDConfig(estimator="k2", is_cap=1e9, minillm=MiniLLMConfig(mix_alpha=alpha)))
+    s = RolloutShard(pad_rows([[1]] * V), torch.ones(V, dtype=torch.long), torch.arange(V)[:, None],
+                     torch.ones(V, dtype=torch.long), torch.zeros(V, 1, dtype=torch.float64), torch.zeros(V),
+                     torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.long), V, 0,
+                     origin_N=torch.full((V,), MIXTURE, dtype=torch.int8))
+    (share,) = learner_shares([summarize(s)], [s], [TeacherScores(logp_NR=teacher[:, None])], 1, algo, 1, 1.0, 0)
+    (mb,) = share_micro_batches([s], share.scores, share, algo, LearnerConfig(micro_batch_size=64), "cpu")
+    logp = torch.log_softmax(z, -1)
+    loss, _ = micro_batch_loss(logp[:, None], None, None, mb, share, algo, 1)
+    mu = mixture_logp(teacher, logp.detach(), alpha)
+    per_token = torch.exp(logp.detach() - mu) * kl_estimator(logp, teacher, "k2")
+    torch.testing.assert_close(loss, per_token.mean(), rtol=1e-12, atol=1e-14)
+    expected, = torch.autograd.grad((mu.exp() * per_token).sum(), z, retain_graph=True)
+    exact, = torch.autograd.grad((logp.exp() * (logp - teacher)).sum(), z, retain_graph=True)
+    torch.testing.assert_close(expected, exact, rtol=1e-10, atol=1e-12)
+    unweighted, = torch.autograd.grad((mu.exp() * kl_estimator(logp, teacher, "k2")).sum(), z)
+    assert (unweighted - exact).abs().max() > 1e-3

@@ -124,7 +124,7 @@ def test_sigkill_then_resume_is_exact_and_resumes_on_another_layout(uninterrupte
     for m in metrics(full):  # GKD: about half the prompts each step answered by the dataset, all correctly
         n = m["sequences_by_origin"]
         assert n["student"] + n["dataset"] == 192 and 0 < n["dataset"] < 192 and m["reward_by_origin"]["dataset"] == 1
-        assert set(m["kd_divergence_by_origin"]) == {"student", "dataset"}
+        assert None not in (m["kd_divergence_by_origin"]["student"], m["kd_divergence_by_origin"]["dataset"])
     # from t_start (the first update only records the term), then at least the linear floor
     assert ts[:2] == [0.4, 0.4] and all(a < b for a, b in zip(ts[1:], ts[2:])) and 0.85 - 1e-12 <= ts[-1] < 1, ts
 
