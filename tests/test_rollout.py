@@ -108,52 +108,6 @@ def test_neighbouring_prompts_do_not_share_noise_streams(engine):
 
 
 @pytest.mark.slow
-def test_generation_ends_at_every_eos_id_and_at_stop_strings(demo_assets, tmp_path):
-    """Issue 13.3: a generation config with two end ids (as chat models have) and a stop
-    string: a response ends at the first of them, counts as terminated, and keeps the tokens
-    it ended with; one that reaches max_new_tokens is the only kind counted truncated."""
-    import json
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    from rayskd.config import load_config
-    from rayskd.rollout import RolloutEngine
-
-    assets, _ = demo_assets
-    path = str(tmp_path / "student")
-    shutil.copytree(os.path.join(assets, "student"), path)
-    tok = AutoTokenizer.from_pretrained(path)
-    nine = tok("9", add_special_tokens=False)["input_ids"][0]
-    with open(os.path.join(path, "generation_config.json")) as f:
-        gen = json.load(f)
-    gen["eos_token_id"] = [tok.eos_token_id, nine]
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump(gen, f)
-    cfg = load_config(DEMO, [f"student.path={path}", "rollout.stop=[\"5\"]", "rollout.max_new_tokens=4"])
-    eng = RolloutEngine(path, cfg.rollout, cfg.reward, 0, 32)
-    try:
-        # answers 052 (a stop at "5"), 066 (ends at EOS), 099 (ends at the second end id)
-        texts = ["07+45=", "33+33=", "45+54="] * 4
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        shard = eng.generate(PromptBatch(uids=list(range(12)), prompt_ids=ids, prompts=texts, answers=["0"] * 12),
-                             step=1, n=4)
-    finally:
-        eng.shutdown()
-    ends = {"eos": 0, "nine": 0, "stop": 0, "length": 0}
-    for ids, n, truncated in zip(shard.response_ids_NR.tolist(), shard.response_len_N.tolist(),
-                                 shard.truncated_N.tolist()):
-        ids = ids[:n]
-        text = tok.decode(ids)
-        before = tok.decode(ids[:-1])
-        assert "5" not in before and nine not in ids[:-1] and tok.eos_token_id not in ids[:-1], text
-        kind = ("eos" if ids[-1] == tok.eos_token_id else "nine" if ids[-1] == nine else
-                "stop" if text.endswith("5") else "length")
-        assert truncated == (kind == "length") and (kind != "length" or n == 4), (text, truncated)
-        ends[kind] += 1
-    assert ends["nine"] > 0 and ends["stop"] > 0 and ends["eos"] > 0, ends
-
-
 @pytest.mark.parametrize("top_k", [13, 2])
 def test_speculative_kd_differs_from_the_students_sample_exactly_where_the_teacher_rejected(engine, demo_assets,
                                                                                            top_k):
@@ -199,3 +153,51 @@ def test_speculative_kd_differs_from_the_students_sample_exactly_where_the_teach
         assert rejected == 0 and stats["skd_accepted"] == stats["skd_proposed"]
     else:
         assert rejected > 0 and stats["skd_accepted"] < stats["skd_proposed"]
+
+
+@pytest.mark.slow
+def test_generation_ends_at_every_eos_id_and_at_stop_strings(demo_assets, tmp_path):
+    """Issue 13.3: a generation config with two end ids (as chat models have) and a stop
+    string: a response ends at the first of them, counts as terminated, and keeps the tokens
+    it ended with; one that reaches max_new_tokens is the only kind counted truncated."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rayskd.config import load_config
+    from rayskd.rollout import RolloutEngine
+
+    assets, _ = demo_assets
+    path = str(tmp_path / "student")
+    shutil.copytree(os.path.join(assets, "student"), path)
+    tok = AutoTokenizer.from_pretrained(path)
+    nine = tok("9", add_special_tokens=False)["input_ids"][0]
+    with open(os.path.join(path, "generation_config.json")) as f:
+        gen = json.load(f)
+    gen["eos_token_id"] = [tok.eos_token_id, nine]
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    cfg = load_config(DEMO, [f"student.path={path}", "rollout.stop=[\"5\"]", "rollout.max_new_tokens=4"])
+    eng = RolloutEngine(path, cfg.rollout, cfg.reward, 0, 32)
+    try:
+        # answers 052 (a stop at "5"), 066 (ends at EOS), 099 (ends at the second end id)
+        texts = ["07+45=", "33+33=", "45+54="] * 4
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        shard = eng.generate(PromptBatch(uids=list(range(12)), prompt_ids=ids, prompts=texts, answers=["0"] * 12),
+                             step=1, n=4)
+    finally:
+        eng.shutdown()
+    ends = {"eos": 0, "nine": 0, "stop": 0, "length": 0}
+    for ids, n, truncated in zip(shard.response_ids_NR.tolist(), shard.response_len_N.tolist(),
+                                 shard.truncated_N.tolist()):
+        ids = ids[:n]
+        text = tok.decode(ids)
+        before = tok.decode(ids[:-1])
+        assert "5" not in before and nine not in ids[:-1] and tok.eos_token_id not in ids[:-1], text
+        kind = ("eos" if ids[-1] == tok.eos_token_id else "nine" if ids[-1] == nine else
+                "stop" if text.endswith("5") else "length")
+        assert truncated == (kind == "length") and (kind != "length" or n == 4), (text, truncated)
+        ends[kind] += 1
+    assert ends["nine"] > 0 and ends["stop"] > 0 and ends["eos"] > 0, ends
+
