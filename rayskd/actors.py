@@ -183,7 +183,10 @@ def init_ray(actors: int) -> bool:
         return False
     # the actors' output goes to their log files (log_to_file), not the driver's console
     if os.environ.get("RAY_ADDRESS"):
+        global WORKDIR
+        WORKDIR = os.getcwd()
         ray.init(log_to_driver=False)
+        _stand_somewhere()
         return False
     # no idle workers started ahead: each actor gets a process of its own anyway (its runtime
     # env differs), so they would only compete with the actors' start-up (~0.6 s of a core each)
@@ -196,6 +199,27 @@ def init_ray(actors: int) -> bool:
              _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False})
     protect_token()
     return True
+
+
+WORKDIR: str | None = None  # the directory this driver started in (`workdir`)
+
+
+def workdir() -> str:
+    """Where a user's reward module is imported from: the directory the driver started in."""
+    return WORKDIR or os.getcwd()
+
+
+def _stand_somewhere() -> None:
+    """Where this process is a Ray job's entrypoint, its working directory is the job's unpacked
+    working_dir package, and joining the cluster (ray.init) can have Ray's runtime-env agent
+    delete that directory (os.getcwd() then fails: test_cluster hit it in every run of one
+    commit, Ray 2.60). The run's paths are absolute by then (load_config) and each actor gets
+    its own copy of the package, so the driver only needs some directory to stand in: the same
+    path if Ray put it back, else the home directory."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(WORKDIR if WORKDIR and os.path.isdir(WORKDIR) else os.path.expanduser("~"))
 
 
 def protect_token() -> None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import ray
 
-from .actors import ActorGroup, TrainingError
+from .actors import ActorGroup, TrainingError, workdir
 from .batch import PromptBatch, split_prompts
 from .config import engines_sleep
 from .weight_sync import CollectiveSync, ObjectStoreSync
@@ -75,7 +75,7 @@ def start_rollout(cfg, model_path: str, max_model_len: int, env_vars: dict, log_
         gen = cfg.teacher.generation
         role = dataclasses.replace(role, num_workers=gen.num_workers, gpus_per_worker=gen.gpus_per_worker,
                                    tensor_parallel_size=gen.tensor_parallel_size, resources=dict(cfg.teacher.resources))
-    extra_path = (os.getcwd(),)  # where a user's reward module is imported from
+    extra_path = (workdir(),)  # where a user's reward module is imported from
     return ActorGroup(
         "teacher_rollout" if teacher else "rollout", RolloutEngine, role.num_workers, role.tensor_parallel_size,
         role.gpus_per_worker,
