@@ -47,6 +47,15 @@ def finite_scores(logp_NR: torch.Tensor, top_ids, top_lps, mask_NR: torch.Tensor
                          nonfinite_N=nonfinite_N if bool(rows.any()) else None, worker=worker)
 
 
+def _row_generator(seed: int, row: int) -> torch.Generator:
+    """The generator of one row's draws in the sampling loop (judge, mix)."""
+    return torch.Generator().manual_seed((seed + 1_000_003 * row) % (2 ** 62))
+
+
+def _draw(logits_V: torch.Tensor, g: torch.Generator) -> int:
+    return int(torch.multinomial(torch.softmax(logits_V.double().cpu(), -1), 1, generator=g))
+
+
 class TeacherScorer:
     """One rank of a teacher worker. With teacher.tensor_parallel_size = t > 1, t ranks (one
     per device) hold one teacher sharded by transformers' tensor-parallel plan over a process
@@ -87,12 +96,7 @@ class TeacherScorer:
         from the first, lie in this teacher's top-`top_k` at their position (at
         teacher.temperature), and a token drawn from its distribution at the first that does not
         (-1 when all do). The draw is seeded by `seed` and the row."""
-        n = len(prefixes)
-        width = max([len(p) for p in proposals] + [1])
-        shard_fields = (pad_rows(prefixes), torch.tensor([len(p) for p in prefixes]),
-                        pad_rows(proposals, width=width), torch.tensor([len(p) for p in proposals]))
-        h = response_hidden(self.model, *shard_fields, self.device)
-        logits = (h.float() @ self.head[:self.vocab_size].float().T) / self.cfg.temperature
+        logits = self._proposal_logits(prefixes, proposals)
         top = logits.topk(min(top_k, self.vocab_size), dim=-1).indices.cpu()  # [N, R, K]
         out = []
         for i, proposal in enumerate(proposals):
@@ -101,9 +105,7 @@ class TeacherScorer:
             if taken == len(proposal):
                 out.append((taken, -1))
                 continue
-            g = torch.Generator().manual_seed((seed + 1_000_003 * i) % (2 ** 62))
-            probs = torch.softmax(logits[i, taken].double().cpu(), -1)
-            out.append((taken, int(torch.multinomial(probs, 1, generator=g))))
+            out.append((taken, _draw(logits[i, taken], _row_generator(seed, i))))
         return out if self.rank == 0 else None
 
     @torch.no_grad()
@@ -113,18 +115,24 @@ class TeacherScorer:
         `alpha` a token drawn from this teacher's distribution after the prefix replaces the
         student's proposed one, (0, draw); else the proposal stands, (1, -1). Seeded by `seed`
         and the row: the choice and the draw are a draw from alpha pi_T + (1 - alpha) pi_theta."""
-        shard_fields = (pad_rows(prefixes), torch.tensor([len(p) for p in prefixes]),
-                        pad_rows([p[:1] or [0] for p in proposals]), torch.ones(len(prefixes), dtype=torch.long))
-        h = response_hidden(self.model, *shard_fields, self.device)[:, 0]
-        logits = (h.float() @ self.head[:self.vocab_size].float().T) / self.cfg.temperature
+        logits = self._proposal_logits(prefixes, [p[:1] or [0] for p in proposals])[:, 0]
         out = []
         for i, proposal in enumerate(proposals):
-            g = torch.Generator().manual_seed((seed + 1_000_003 * i) % (2 ** 62))
+            g = _row_generator(seed, i)
             if float(torch.rand((), generator=g, dtype=torch.float64)) >= alpha and proposal:
                 out.append((1, -1))
                 continue
-            out.append((0, int(torch.multinomial(torch.softmax(logits[i].double().cpu(), -1), 1, generator=g))))
+            out.append((0, _draw(logits[i], g)))
         return out if self.rank == 0 else None
+
+    def _proposal_logits(self, prefixes: list[list[int]], proposals: list[list[int]]) -> torch.Tensor:
+        """This teacher's logits [N, R, V] (at teacher.temperature, the tokenizer's rows) at the
+        positions that predict each proposed token after its prefix."""
+        fields = (pad_rows(prefixes), torch.tensor([len(p) for p in prefixes]),
+                  pad_rows(proposals, width=max([len(p) for p in proposals] + [1])),
+                  torch.tensor([len(p) for p in proposals]))
+        h = response_hidden(self.model, *fields, self.device)
+        return (h.float() @ self.head[:self.vocab_size].float().T) / self.cfg.temperature
 
     @torch.no_grad()
     def score(self, shard: RolloutShard, rows: list[int] | None = None) -> TeacherScores | None:
