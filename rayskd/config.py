@@ -208,6 +208,9 @@ class LearnerConfig:
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by token budget, as teacher.max_tokens_per_batch
     bf16: bool = False
     logprob_chunk: int = 1024
+    # a diagnostic, two more backward passes per micro-batch: log the GRPO and teacher terms' own
+    # gradient norms and their cosine (pg_grad_norm, kd_grad_norm, term_grad_cosine); ZeRO 0-2
+    log_term_grads: bool = False
 
 
 @dataclass(frozen=True)
@@ -635,6 +638,8 @@ def validate(cfg: Config) -> None:
     _check(rollout.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
 
     _check(learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {learner.zero_stage}")
+    _check(not (learner.log_term_grads and learner.zero_stage == 3), "learner.log_term_grads",
+           "needs the whole gradient on each rank: ZeRO stage 0, 1 or 2, not 3")
     _check(learner.lr > 0, "learner.lr", f"must be > 0, got {learner.lr}")
     _check(learner.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
     _check(learner.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")

@@ -95,6 +95,8 @@ class StepMetrics:
     kd_k1_by_origin: tuple = field(default=(), metadata={"reduce": _add_elementwise})
     mismatch_max: float = field(default=0.0, metadata={"reduce": max})
     grad_norm: float = field(default=float("nan"), metadata={"reduce": lambda v: v[0]})  # global: same on all ranks
+    # learner.log_term_grads: (GRPO term's, teacher term's gradient norm, their cosine), global
+    term_grads: tuple = field(default=(), metadata={"reduce": lambda v: v[0]})
     skipped: bool = field(default=False, metadata={"reduce": any})
 
     @classmethod
@@ -120,6 +122,7 @@ class StepMetrics:
             # each teacher's k1 of KL(student || teacher i) over the KD-masked tokens it scored
             "kd_divergence_by_teacher": _means(self.kd_k1_by_teacher),
             "kd_divergence_by_origin": dict(zip(ORIGINS, _means(self.kd_k1_by_origin))) if self.kd_k1_by_origin else None,
+            **dict(zip(("pg_grad_norm", "kd_grad_norm", "term_grad_cosine"), self.term_grads)),
         }
 
 
@@ -240,12 +243,21 @@ def share_micro_batches(shards: list, scores: list, share: LearnerShare, algo: A
 def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergence: torch.Tensor | None,
                      mb: MicroBatch, share: LearnerShare, algo: AlgorithmConfig,
                      norm_len: int) -> tuple[torch.Tensor, StepMetrics]:
+    """The objective on one micro-batch (`micro_batch_terms` added up): (loss, metrics)."""
+    pg, teacher, metrics = micro_batch_terms(logp, entropy, divergence, mb, share, algo, norm_len)
+    return pg + teacher, metrics
+
+
+def micro_batch_terms(logp: torch.Tensor, entropy: torch.Tensor | None, divergence: torch.Tensor | None,
+                      mb: MicroBatch, share: LearnerShare, algo: AlgorithmConfig,
+                      norm_len: int) -> tuple[torch.Tensor, torch.Tensor, StepMetrics]:
     """The objective on one micro-batch: pg_coef x the GRPO term + kd_coef x the teacher term,
     each with its off-policy weight (`losses.importance_weights`: one rule, whatever the
     staleness) and divided by the whole batch's normaliser (so micro-batches and ranks add up).
     logp [B, T]: log pi_theta of the sampled tokens at the sampling temperature (with gradient);
     entropy [B, T] (or None); divergence [B, T]: the per-position divergence to the teacher's
-    distribution, for a distribution estimator. Returns (loss, this micro-batch's metrics)."""
+    distribution, for a distribution estimator. Returns (pg_coef x the GRPO term, kd_coef x the
+    teacher term, this micro-batch's metrics): their sum is the loss."""
     kd = algo.kd
     estimator = TEACHER_ESTIMATORS[kd.estimator]
     # the GRPO term is the student's own samples'; a sequence no sampler drew (a dataset
@@ -267,7 +279,6 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
     teacher = teacher_term(values, mb.mask_NR, mb.kd_mask_N, w.teacher_weight if estimator.sampled else None,
                            norm=kd.norm, aggregation=algo.aggregation, norm_len=norm_len,
                            denominator=share.kd_denominator)
-    loss = algo.pg_coef * pg + share.kd_coef * teacher
     with torch.no_grad():
         mask, current = mb.mask_NR, logp.detach()
         kd_mask = mask * mb.kd_mask_N[:, None]
@@ -285,7 +296,8 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, divergenc
                                                                  len(ORIGINS))
     names = ("tokens", "sampled_tokens", "policy_loss", "kd_loss", "kd_k1_sum", "kd_tokens", "kd_weight_sum",
              "entropy_sum", "clip_sum", "mismatch_k3_sum", "tis_weight_sum", "mismatch_max")
-    return loss, StepMetrics(**dict(zip(names, sums)), kd_k1_by_teacher=by_teacher, kd_k1_by_origin=by_origin)
+    return (algo.pg_coef * pg, share.kd_coef * teacher,
+            StepMetrics(**dict(zip(names, sums)), kd_k1_by_teacher=by_teacher, kd_k1_by_origin=by_origin))
 
 
 def mixture_logp(teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -340,6 +352,7 @@ class Learner:
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.engine = deepspeed_setup.initialize(policy, optimizer, scheduler, cfg, world_size)
+        self.term_grads: torch.Tensor | None = None  # learner.log_term_grads: [2, parameters] this step
         self.rehearsal = None
         if algo.rehearsal.coef > 0:
             from .rehearsal import load_rehearsal
@@ -369,6 +382,8 @@ class Learner:
         for _ in range(passes - len(parts)):
             self._zero_pass()
         metrics = StepMetrics.merge([health, *parts])
+        if self.cfg.log_term_grads:
+            metrics.term_grads = self._term_grad_stats()
         metrics.grad_norm, metrics.skipped = self._optimizer_step(metrics.nonfinite)
         return metrics
 
@@ -380,10 +395,48 @@ class Learner:
 
     def _accumulate(self, mb: MicroBatch, share: LearnerShare) -> StepMetrics:
         """Forward and backward one micro-batch of the share."""
+        if self.cfg.log_term_grads:
+            self._add_term_grads(mb, share)
         logp, entropy, divergence = self._forward(mb.fields, with_entropy=True, **mb.forward_kwargs())
         loss, metrics = micro_batch_loss(logp, entropy, divergence, mb, share, self.algo, self.max_new_tokens)
         metrics.nonfinite = self._backward(loss)
         return metrics
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def _add_term_grads(self, mb: MicroBatch, share: LearnerShare) -> None:
+        """learner.log_term_grads: add each term's gradient on this micro-batch, flat, to this
+        step's sums. A forward of its own, around the DeepSpeed engine (whose output hooks take
+        any backward through its outputs for the update's), and autograd.grad, which leaves .grad
+        and DeepSpeed's gradient hooks alone."""
+        params = self._trainable()
+        logp, entropy, divergence = self.engine.module(*mb.fields, **mb.forward_kwargs())
+        terms = micro_batch_terms(logp, entropy, divergence, mb, share, self.algo, self.max_new_tokens)[:2]
+        flat = []
+        for term in terms:
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True) \
+                if term.requires_grad else [None] * len(params)
+            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                   for g, p in zip(grads, params)]))
+        step = torch.stack(flat)
+        self.term_grads = step if self.term_grads is None else self.term_grads + step
+
+    def _term_grad_stats(self) -> tuple:
+        """(|g_pg|, |g_teacher|, cos(g_pg, g_teacher)) of the step's whole batch: each rank's sums
+        of its micro-batches' term gradients added over ranks (the losses are shares of the batch
+        aggregate, so the sum is the batch's gradient, before clipping)."""
+        sums = self.term_grads if self.term_grads is not None else \
+            torch.zeros(2, sum(p.numel() for p in self._trainable()), device=self.device)
+        self.term_grads = None
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            dist.all_reduce(sums)
+        sums = sums.double()
+        norms = sums.norm(dim=1)
+        cosine = float(sums[0] @ sums[1] / (norms[0] * norms[1])) if float(norms.prod()) > 0 else float("nan")
+        return float(norms[0]), float(norms[1]), cosine
 
     def _backward(self, loss: torch.Tensor) -> int:
         """Backward one micro-batch (the update is one engine.step() after the last). A

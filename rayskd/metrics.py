@@ -48,6 +48,10 @@ class StepRecord:
     entropy: float | None = None
     clip_frac: float | None = None
     grad_norm: float | None = None
+    # learner.log_term_grads: the batch gradient of each term (with its coefficient) and their cosine
+    pg_grad_norm: float | None = None
+    kd_grad_norm: float | None = None
+    term_grad_cosine: float | None = None
     sampler_mismatch_max: float | None = None  # max |mu - pi_theta| of a sampled token's probability
     sampler_mismatch_k3: float | None = None  # mean k3 of KL(mu || pi_theta) per token
     skipped_update: bool | None = None

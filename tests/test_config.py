@@ -80,6 +80,14 @@ def test_bad_values_name_the_key(override, key):
     assert "\n" not in str(e.value)
 
 
+def test_term_gradients_need_whole_gradients():
+    """learner.log_term_grads reads each term's whole gradient on a rank: ZeRO-3 partitions it."""
+    assert load_config(DEMO, ["learner.log_term_grads=true"]).learner.log_term_grads
+    with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2") as e:
+        load_config(DEMO, ["learner.log_term_grads=true", "learner.zero_stage=3"])
+    assert e.value.key == "learner.log_term_grads"
+
+
 def test_valid_combinations():
     load_config(DEMO, ["algorithm.kd.divergence=js", "algorithm.kd.estimator=topk", "teacher.top_k=8"])
     load_config(DEMO, ["algorithm.kd.divergence=taid", "algorithm.kd.estimator=topk", "teacher.top_k=8",

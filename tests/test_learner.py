@@ -104,6 +104,29 @@ def test_non_finite_loss_skips_the_update(learner):
     assert not out.skipped and not torch.equal(params(learner), before)
 
 
+def test_term_gradients_add_up_to_the_update(learner):
+    """learner.log_term_grads (issue 30's ablation): the GRPO and teacher terms' batch gradients,
+    logged as norms and a cosine, add up to the gradient the update used: |g_pg + g_kd|, from the
+    three logged numbers, is the global norm the optimizer measured (so the extra backward passes
+    left the update's own gradients alone: accumulated into them, the norm would differ)."""
+    from dataclasses import replace
+
+    s = shard([[0, 5, 2, 12], [0, 5, 3, 12], [0, 1, 12], [1, 12]], [1.0, 0.0, 1.0, 0.0])
+    scores = TeacherScores(logp_NR=torch.full((4, 4), -0.5) * s.response_mask_NR())
+    learner.cfg = replace(learner.cfg, log_term_grads=True)
+    try:
+        out = train(learner, 4, s, scores)
+    finally:
+        learner.cfg = replace(learner.cfg, log_term_grads=False)
+    pg, kd, cosine = out.term_grads
+    assert pg > 0 and kd > 0 and -1.0 <= cosine <= 1.0
+    combined = (pg ** 2 + kd ** 2 + 2 * cosine * pg * kd) ** 0.5
+    assert abs(combined - out.grad_norm) <= 1e-4 * out.grad_norm, (combined, out.grad_norm)
+    record = out.record(learner.algo)
+    assert (record["pg_grad_norm"], record["kd_grad_norm"], record["term_grad_cosine"]) == (pg, kd, cosine)
+    assert "pg_grad_norm" not in train(learner, 5, s, scores).record(learner.algo)  # off: not logged
+
+
 def test_deepspeed_trains_without_importing_muon(learner):
     """DeepSpeed's Muon (which torch.compiles its kernels when imported: ~2 s of start-up per
     rank) is replaced by stand-ins in the learner; the updates above ran through every ZeRO path
