@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .losses import SOLVED_AT
+from .losses import SOLVED_AT, solved
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,6 +43,19 @@ class EvalRows:
     sampled_len: list[list[int]] = field(default_factory=list)
     reward_errors: int = 0
     samples: list = field(default_factory=list)  # the sampled responses (RolloutShards), when asked for
+    distinct_right: list[int] = field(default_factory=list)  # per problem: distinct responses that solve it
+
+    @staticmethod
+    def count_distinct_right(sampled, samples: int) -> list[int]:
+        """Per problem of a sampled shard (`samples` responses each, group by group): how many
+        different responses (by token ids) solve it. A policy narrowed onto one answer scores 1."""
+        right = solved(sampled.rewards_N).view(-1, samples).tolist()
+        out = []
+        for p, flags in enumerate(right):
+            rows = range(p * samples, (p + 1) * samples)
+            out.append(len({tuple(sampled.response_ids_NR[i, :int(sampled.response_len_N[i])].tolist())
+                            for i, ok in zip(rows, flags) if ok}))
+        return out
 
     def extend(self, other: "EvalRows") -> "EvalRows":
         self.greedy_reward += other.greedy_reward
@@ -51,6 +64,7 @@ class EvalRows:
         self.sampled_len += other.sampled_len
         self.reward_errors += other.reward_errors
         self.samples += other.samples
+        self.distinct_right += other.distinct_right
         return self
 
 
@@ -64,10 +78,12 @@ def summarize_eval(rows: EvalRows, ks: tuple[int, ...]) -> dict:
     lengths = rows.greedy_len + [n for per in rows.sampled_len for n in per]
     n = len(rows.sampled_reward[0]) if rows.sampled_reward else 0
     if n:
-        solved = [sum(r >= SOLVED_AT for r in per) for per in rows.sampled_reward]
+        right = [sum(r >= SOLVED_AT for r in per) for per in rows.sampled_reward]
         for k in ks:
-            out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in solved) / problems
+            out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in right) / problems
         out["samples_per_problem"] = n
+        if rows.distinct_right:
+            out["distinct_right"] = sum(rows.distinct_right) / problems
     out["response_len_mean"] = sum(lengths) / max(len(lengths), 1)
     out["reward_errors"] = rows.reward_errors
     return out

@@ -299,6 +299,7 @@ class RolloutEngine:
             sampled = self.generate(prompts, step=EVAL_STEP, n=samples)
             rows.sampled_reward = sampled.rewards_N.view(-1, samples).tolist()
             rows.sampled_len = sampled.response_len_N.view(-1, samples).tolist()
+            rows.distinct_right = EvalRows.count_distinct_right(sampled, samples)
             rows.reward_errors += sampled.stats.get("reward_errors", 0)
             rows.samples = [sampled] if keep_samples else []
         return rows

@@ -57,6 +57,27 @@ def test_summary_of_an_evaluation():
     assert format_eval(out).startswith("greedy 0.667 | pass@1 0.333 | pass@2 0.500 | pass@4 0.667 | len 2.2")
 
 
+def test_distinct_right_answers_count_different_solving_responses():
+    """distinct_right: per problem, the different responses (by token ids, to their length)
+    among the solving samples; the mean over problems in the summary."""
+    import torch
+
+    from rayskd.batch import RolloutShard, pad_rows
+
+    responses = [[1, 2, 9], [1, 2, 9], [1, 3, 9], [4, 9],  # problem 0: 2 distinct right, a wrong one
+                 [5, 9], [5, 9, 7], [6, 9], [6, 9]]  # problem 1: [5, 9] and [5, 9] + a token past its length
+    lengths = [3, 3, 3, 2, 2, 2, 2, 2]
+    rewards = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.5, 0.0]
+    n = len(responses)
+    shard = RolloutShard(pad_rows([[0]] * n), torch.ones(n, dtype=torch.long), pad_rows(responses),
+                         torch.tensor(lengths), torch.zeros(n, 3), torch.tensor(rewards), torch.zeros(n, dtype=torch.bool),
+                         torch.tensor([0] * 4 + [1] * 4), 4, 0)
+    assert EvalRows.count_distinct_right(shard, 4) == [2, 1]
+    rows = EvalRows(greedy_reward=[1.0, 0.0], greedy_len=[3, 2], sampled_reward=[rewards[:4], rewards[4:]],
+                    sampled_len=[lengths[:4], lengths[4:]], distinct_right=[2, 1])
+    assert summarize_eval(rows, (1,))["distinct_right"] == 1.5
+
+
 def test_greedy_only_evaluation_has_no_pass_at_k():
     out = summarize_eval(EvalRows(greedy_reward=[0.0, 1.0], greedy_len=[1, 1]), (1, 4))
     assert out["greedy_accuracy"] == 0.5 and not any(key.startswith("pass@") for key in out)
