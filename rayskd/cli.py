@@ -258,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_presample)
 
     s = sub.add_parser("prepare-demo", help="write the built-in demo task, tokenizer and models (cached)")
-    s.add_argument("--task", choices=("arith", "split"), default="arith",
+    s.add_argument("--task", choices=("arith", "split", "gaps"), default="arith",
                    help="arith: two-digit addition (configs/demo.yaml); split: a number as a carry-free sum, "
-                        "many right answers (configs/demo_split.yaml)")
-    s.add_argument("--out", help="default: demo_assets (arith), demo_assets_split (split)")
+                        "many right answers (configs/demo_split.yaml); gaps: split where the student rarely "
+                        "reaches a reward and the teacher errs elsewhere (configs/demo_gaps.yaml)")
+    s.add_argument("--out", help="default: demo_assets (arith), demo_assets_split (split), demo_assets_gaps (gaps)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_prepare_demo)
     return p

@@ -110,3 +110,35 @@ def test_split_task_builds_and_trains_end_to_end(tmp_path, no_leftover_engines):
     assert all(m["reward_errors"] == 0 and m["response_len_mean"] > 0 and m["kd_divergence"] > 0 for m in recs)
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2] and all(e["problems"] == 16 and "pass@4" in e for e in evals)
+
+
+def test_gaps_task_has_its_premise_in_its_data(tmp_path):
+    """Issue 30.2: the gaps task's data as its docstring states it: the student's examples have b
+    wrong on the gap digits (6-9) but for gap_right_rate of them, right elsewhere; the teacher's
+    have b one too low on 11 of the 54 facts (20%), none of digit 1, four on digits 2-5 (which
+    the student has right), never all of a digit; and the small recipe builds."""
+    import random
+
+    from rayskd.data import demo, demo_gaps
+
+    wrong = demo_gaps.teacher_mistakes(3, demo_gaps.RECIPE["teacher_wrong_fraction"])
+    assert len(wrong) == 11 and not any(x == 1 for x, _ in wrong)
+    assert sum(2 <= x <= 5 for x, _ in wrong) == 4
+    assert all(sum((x, a) in wrong for a in range(x + 1)) < x + 1 for x in range(1, 10))
+    teacher = demo_gaps.teacher_b(wrong)
+    assert all(teacher(x, a) == x - a - ((x, a) in wrong) for x in range(1, 10) for a in range(x + 1))
+    rng = random.Random(0)
+    student = demo_gaps.student_b((6, 7, 8, 9), 0.03, rng)
+    assert all(student(x, a) == x - a for x in range(1, 6) for a in range(x + 1) for _ in range(20))
+    right = [student(8, 3) == 5 for _ in range(20000)]
+    assert 0.02 < sum(right) / len(right) < 0.04
+    text = demo_gaps.answer("385172", random.Random(1), teacher)
+    assert len(text) == 13 and text[6] == "+"
+
+    small = {**demo_gaps.RECIPE, "n_train": 300, "n_eval": 16, "teacher_steps": 20, "student_steps": 20,
+             "batch_size": 32}
+    with demo.pinned_numerics():
+        report = demo_gaps.build(str(tmp_path), "fp", 0, lambda m: None, small)
+    assert report["train_size"] == 300 and report["eval_size"] == 16 and len(report["teacher_wrong_facts"]) == 11
+    assert 0 <= report["eval_problems_without_gaps"] <= 16
+    assert {p.name for p in tmp_path.iterdir()} >= {"train.jsonl", "eval.jsonl", "teacher", "student"}

@@ -1,9 +1,10 @@
 """The built-in demos: a verifiable task, a character-level tokenizer and two
 Qwen2-architecture models (teacher, student) trained here by supervised fine-tuning.
 
-Two tasks (`rayskd prepare-demo --task NAME`): `arith`, two-digit addition with one right
-answer (this module), and `split`, writing a number as a carry-free sum with many right
-answers (demo_split.py). No network, no model hub. Deterministic for a seed; cached by a
+Three tasks (`rayskd prepare-demo --task NAME`): `arith`, two-digit addition with one right
+answer (this module); `split`, writing a number as a carry-free sum with many right
+answers (demo_split.py); and `gaps`, split with the KDRL paper's premise: a student that
+rarely reaches a reward, a teacher that knows what it lacks but errs elsewhere (demo_gaps.py). No network, no model hub. Deterministic for a seed; cached by a
 fingerprint of the recipe.
 """
 from __future__ import annotations
@@ -192,13 +193,14 @@ def write_jsonl(path: str, rows) -> None:
 
 def tasks() -> dict:
     """name -> (recipe, build(tmp_dir, fingerprint, seed, log) -> report)."""
-    from . import demo_split
+    from . import demo_gaps, demo_split
 
-    return {"arith": (RECIPE, _build), "split": (demo_split.RECIPE, demo_split.build)}
+    return {"arith": (RECIPE, _build), "split": (demo_split.RECIPE, demo_split.build),
+            "gaps": (demo_gaps.RECIPE, demo_gaps.build)}
 
 
-TASK_NAMES = ("arith", "split")
-DEFAULT_OUT = {"arith": "demo_assets", "split": "demo_assets_split"}
+TASK_NAMES = ("arith", "split", "gaps")
+DEFAULT_OUT = {"arith": "demo_assets", "split": "demo_assets_split", "gaps": "demo_assets_gaps"}
 
 
 def prepare_demo(out_dir: str, seed: int = 0, log=print, task: str = "arith") -> dict:
