@@ -26,10 +26,20 @@ def length_mask(lengths_N: torch.Tensor, width: int) -> torch.Tensor:
 # where a sequence comes from (docs/algorithms.md, "Sequences of other origins"): the student's
 # own sample, the dataset's reference response, the teacher's sample (GKD's off-policy ones), or
 # the student's proposals with the teacher's corrections (SKD)
-ORIGINS = ("student", "dataset", "teacher", "mixed", "mixture")
+ORIGINS = ("student", "dataset", "teacher", "mixed", "mixture", "replay")
 # mixed: the student's proposals, corrected by the teacher (SKD); mixture: drawn token by token
-# from alpha pi_T + (1 - alpha) pi_theta (MiniLLM), a behaviour policy the learner knows
-STUDENT, DATASET, TEACHER, MIXED, MIXTURE = 0, 1, 2, 3, 4
+# from alpha pi_T + (1 - alpha) pi_theta (MiniLLM), a behaviour policy the learner knows;
+# replay: the student's own samples of an earlier step, from DistiLLM's replay buffer (replay.py)
+STUDENT, DATASET, TEACHER, MIXED, MIXTURE, REPLAY = 0, 1, 2, 3, 4, 5
+# sequences the student's engines sampled (now or, replayed, earlier): the GRPO term's
+STUDENT_SAMPLED = (STUDENT, REPLAY)
+# sequences served by others than the student's engines: requests of their own (`request_bounds`)
+SERVED_ELSEWHERE = (TEACHER, REPLAY)
+
+
+def student_sampled(origin_N: torch.Tensor) -> torch.Tensor:
+    """[N] bool: which sequences the student's engines sampled (STUDENT_SAMPLED)."""
+    return (origin_N == STUDENT) | (origin_N == REPLAY)
 
 
 @dataclass
@@ -64,20 +74,22 @@ def gkd_origins(seed: int, step: int, count: int, lmbda: float, off_policy: int 
 
 
 def teacher_last(prompts: PromptBatch) -> PromptBatch:
-    """The prompts with those the teacher generates for after the others (stable): each request
-    then goes to one kind of engine (`request_bounds`)."""
-    if TEACHER not in prompts.origins:
+    """The prompts with those served elsewhere than the student's engines (the teacher's samples,
+    replayed groups) after the others (stable): each request then goes to one kind of server
+    (`request_bounds`)."""
+    if not set(SERVED_ELSEWHERE) & set(prompts.origins):
         return prompts
-    order = sorted(range(len(prompts.uids)), key=lambda i: prompts.origins[i] == TEACHER)
+    order = sorted(range(len(prompts.uids)), key=lambda i: prompts.origins[i] in SERVED_ELSEWHERE)
     return PromptBatch(*([getattr(prompts, f)[i] for i in order] for f in PROMPT_FIELDS))
 
 
 def request_bounds(prompts: PromptBatch, count: int) -> list[int]:
     """Where a step's prompts (`teacher_last`) are cut into `count` contiguous requests: near-
-    equal parts, except that the teacher's prompts form requests of their own (as many as their
-    share of the prompts gives, at least one for each kind present)."""
+    equal parts, except that the prompts served elsewhere (the teacher's, or replayed: never both
+    in one run) form requests of their own (as many as their share of the prompts gives, at
+    least one for each kind present)."""
     n = len(prompts.uids)
-    ours = sum(1 for i in range(n) if prompts.origin(i) != TEACHER)
+    ours = sum(1 for i in range(n) if prompts.origin(i) not in SERVED_ELSEWHERE)
     if ours in (0, n) or count < 2:
         return [round(i * n / count) for i in range(count + 1)]
     first = min(max(round(count * ours / n), 1), count - 1)
@@ -110,7 +122,7 @@ def batch_stats(summaries: list[RolloutSummary]) -> dict:
             "reward_errors": sum(int(s.stats.get("reward_errors", 0)) for s in summaries),
             "reward_timeouts": sum(int(s.stats.get("reward_timeouts", 0)) for s in summaries),
             "weights_version_sampled": min((s.weights_version for s in summaries
-                                            if not s.origin or TEACHER not in s.origin), default=None),
+                                            if not s.origin or not set(s.origin) & set(SERVED_ELSEWHERE)), default=None),
             "prompt_uids": sorted({u for s in summaries for u in s.uids}), **origin_stats(summaries, rewards)}
 
 

@@ -284,6 +284,19 @@ class GKDConfig:
 
 
 @dataclass(frozen=True)
+class DistiLLMConfig:
+    """DistiLLM's adaptive off-policy reuse (arXiv 2402.03898; rayskd/replay.py, docs/algorithms.md):
+    each prompt's sequences are the dataset's reference response with probability 1 - t, else the
+    student's, fresh or (once the buffer is full, with probability step / run.steps) replayed.
+    t rises by raise_by when the validation loss (the student's token cross-entropy on the
+    evaluation's reference responses, at every evaluation) rose by loss_eps. The authors' values."""
+    capacity: int = 0  # > 0: on; the replay buffer's size in groups (a prompt and its G samples)
+    init_threshold: float = 0.0
+    raise_by: float = 0.1
+    loss_eps: float = 0.1
+
+
+@dataclass(frozen=True)
 class SKDConfig:
     """Speculative KD (arXiv 2410.11325; docs/algorithms.md, "Speculative KD")."""
     # > 0: every sequence is the student's proposals, block by block, each token outside the
@@ -312,6 +325,7 @@ class AlgorithmConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
+    distillm: DistiLLMConfig = field(default_factory=DistiLLMConfig)
     skd: SKDConfig = field(default_factory=SKDConfig)
 
 
@@ -358,8 +372,9 @@ def requests_per_step(cfg: Config) -> int:
     prompts, ranks = cfg.algorithm.prompts_per_step, cfg.learner.world_size
     if cfg.rollout.prompts_per_request:
         return prompts // cfg.rollout.prompts_per_request
-    # the teacher's samples are requests of their own, to the teacher's engines: at least 2
-    least = max(min(cfg.rollout.num_workers, prompts), 2 if teacher_generates(cfg) else 1)
+    # the teacher's samples (or replayed groups) are requests of their own: at least 2
+    least = max(min(cfg.rollout.num_workers, prompts),
+                2 if teacher_generates(cfg) or cfg.algorithm.distillm.capacity else 1)
     for count in range(ranks, prompts + 1, ranks):
         if count >= least and prompts % count == 0:
             return count
@@ -600,13 +615,29 @@ def validate(cfg: Config) -> None:
     if algo.gkd.lmbda < 1 and algo.gkd.off_policy == "teacher":
         _check(gen.num_workers >= 1, "teacher.generation.num_workers",
                "algorithm.gkd.off_policy=teacher samples from the teacher: give it engines (>= 1)")
-    if algo.gkd.lmbda < 1:
+    if algo.gkd.lmbda < 1 or algo.distillm.capacity:
         # on a sequence the student did not sample, a sampled-token estimate is not of any KL to
         # the student: GKD takes the divergence of the whole next-token distributions there
+        what = f"algorithm.gkd.lmbda={algo.gkd.lmbda}" if algo.gkd.lmbda < 1 else "algorithm.distillm"
         _check(TEACHER_ESTIMATORS[kd.estimator].distribution and not kd.estimator.startswith("minillm"),
                "algorithm.kd.estimator",
-               f"algorithm.gkd.lmbda={algo.gkd.lmbda} trains on sequences the student did not sample, where "
+               f"{what} trains on sequences the student did not sample, where "
                f"{kd.estimator} estimates nothing: use a distribution estimator (topk, full, sparse)")
+    dm = algo.distillm
+    _check(dm.capacity >= 0, "algorithm.distillm.capacity", f"must be >= 0 (0: off), got {dm.capacity}")
+    if dm.capacity:
+        _check(0 <= dm.init_threshold <= 1, "algorithm.distillm.init_threshold",
+               f"is a probability, got {dm.init_threshold}")
+        _check(dm.raise_by >= 0 and dm.loss_eps >= 0, "algorithm.distillm.raise_by",
+               "raise_by and loss_eps must be >= 0")
+        _check(algo.gkd.lmbda == 1 and not algo.skd.top_k and not kd.minillm.mix_alpha, "algorithm.distillm.capacity",
+               "DistiLLM chooses each prompt's sequences itself: not with algorithm.gkd.lmbda < 1, algorithm.skd or "
+               "kd.minillm.mix_alpha")
+        _check(bool(cfg.data.eval_path), "data.eval_path",
+               "DistiLLM raises its probability of the student's sequences from the validation loss on the "
+               "evaluation's reference responses (at every evaluation: run.eval_every): set data.eval_path")
+        _check(dm.capacity >= algo.prompts_per_step, "algorithm.distillm.capacity",
+               f"holds groups; a step may replay up to algorithm.prompts_per_step ({algo.prompts_per_step}) of them")
     _check(sum((teacher.top_k > 0, teacher.sparse_samples > 0, teacher.send_hidden)) <= 1, "teacher.sparse_samples"
            if teacher.sparse_samples > 0 else "teacher.send_hidden",
            "the teacher sends one distribution payload: its top-k (teacher.top_k), ids drawn from it "

@@ -13,8 +13,8 @@ import torch
 from . import learner_state
 from .actor_logs import log_to_file
 from .batch import (
-    MIXTURE, ORIGINS, STUDENT, LearnerShare, RehearsalRows, RolloutSummary, combine_scores, concat_scores, concat_shards,
-    forward_fields, micro_batches,
+    MIXTURE, ORIGINS, STUDENT, STUDENT_SAMPLED, LearnerShare, RehearsalRows, RolloutSummary, combine_scores,
+    concat_scores, concat_shards, forward_fields, micro_batches, student_sampled,
 )
 from .config import AlgorithmConfig, LearnerConfig
 from .losses import (
@@ -39,7 +39,7 @@ def learner_shares(summaries: list[RolloutSummary], shards: list, scores: list, 
     _, kd_total = batch_normalisers(lengths, kd_mask_N, aggregation=algo.aggregation, kd_norm=algo.kd.norm,
                                     max_new_tokens=max_new_tokens)
     # the GRPO term's normaliser counts the student's own samples only (the term is theirs)
-    own = torch.tensor([o == STUDENT for s in summaries for o in (s.origin or [STUDENT] * len(s.uids))])
+    own = torch.tensor([o in STUDENT_SAMPLED for s in summaries for o in (s.origin or [STUDENT] * len(s.uids))])
     pg_total = batch_normalisers(lengths[own], kd_mask_N[own], aggregation=algo.aggregation, kd_norm=algo.kd.norm,
                                  max_new_tokens=max_new_tokens)[0] if bool(own.any()) else 1.0
     per_rank = len(summaries) // ranks
@@ -260,11 +260,12 @@ def micro_batch_terms(logp: torch.Tensor, entropy: torch.Tensor | None, divergen
     teacher term, this micro-batch's metrics): their sum is the loss."""
     kd = algo.kd
     estimator = TEACHER_ESTIMATORS[kd.estimator]
-    # the GRPO term is the student's own samples'; a sequence no sampler drew (a dataset
-    # response) has no behaviour policy: mu = sg(pi_theta) there, every ratio 1
-    own_NR = mb.mask_NR if mb.origin_N is None else mb.mask_NR * (mb.origin_N == STUDENT)[:, None]
+    # the GRPO term is the student's own samples' (replayed ones too: their sampler's log-probs are
+    # mu, however old); a sequence no sampler drew (a dataset response) has no behaviour policy:
+    # mu = sg(pi_theta) there, every ratio 1
+    own_NR = mb.mask_NR if mb.origin_N is None else mb.mask_NR * student_sampled(mb.origin_N)[:, None]
     sampler_logp = mb.sampler_logp_NR if mb.origin_N is None else torch.where(
-        (mb.origin_N == STUDENT)[:, None], mb.sampler_logp_NR, logp.detach())
+        student_sampled(mb.origin_N)[:, None], mb.sampler_logp_NR, logp.detach())
     if mb.origin_N is not None and bool((mb.origin_N == MIXTURE).any()):  # MiniLLM's mixed sampling
         sampler_logp = torch.where((mb.origin_N == MIXTURE)[:, None],
                                    mixture_logp(mb.teacher_logp_NR, logp.detach(), kd.minillm.mix_alpha), sampler_logp)
@@ -595,6 +596,31 @@ class Learner:
         return count
 
     @torch.no_grad()
+    def reference_loss(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+        """DistiLLM's validation loss, as a sum and a count: the token cross-entropy (temperature
+        1, over the tokenizer's rows) of each (prompt ids, reference response ids) pair's response
+        given its prompt. Every rank computes the same (under ZeRO-3 every rank must call)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(pairs), max(self.cfg.micro_batch_size, 1)):
+                chunk = [(p, r) for p, r in pairs[start:start + max(self.cfg.micro_batch_size, 1)] if r]
+                if not chunk:
+                    continue
+                width = max(len(p) + len(r) for p, r in chunk)
+                ids = torch.zeros(len(chunk), width, dtype=torch.long)
+                attention = torch.zeros(len(chunk), width, dtype=torch.long)
+                target = torch.zeros(len(chunk), width - 1)  # 1 where position t predicts a response token
+                for i, (p, r) in enumerate(chunk):
+                    ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+                    attention[i, :len(p) + len(r)] = 1
+                    target[i, len(p) - 1:len(p) + len(r) - 1] = 1
+                ids, attention, target = ids.to(self.device), attention.to(self.device), target.to(self.device)
+                logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1, :self.vocab_size].float()
+                logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                total -= float((logp * target).sum())
+                count += int(target.sum())
+        return total, count
+
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log-softmax over every LM-head row (temperature 1) of tokens 1..end of a fixed
         sequence, to check that the engines serve these weights (`RolloutEngine.sequence_logprobs`

@@ -63,6 +63,7 @@ class StepRecord:
     nonfinite_teachers: list | None = None  # the teacher workers that gave them
     # the driver
     kd_coef: float | None = None
+    distillm_t: float | None = None  # DistiLLM's probability of the student's sequences (algorithm.distillm)
     taid_t: float | None = None  # TAID's interpolation this step trained at (divergence taid)
     staleness_max: int | None = None
     staleness_mean: float | None = None

@@ -26,8 +26,8 @@ import ray
 
 from .actors import ActorGroup, TrainingError
 from .batch import (
-    TEACHER, PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors, shard_to_tensors, split_prompts,
-    split_shard, summarize,
+    REPLAY, SERVED_ELSEWHERE, TEACHER, PromptBatch, RolloutSummary, concat_shards, merge_prompts, shard_from_tensors,
+    shard_to_tensors, split_prompts, split_shard, summarize,
 )
 from .rollout_pool import MAX_RETRIES, RESTARTABLE, RolloutPool
 
@@ -52,6 +52,12 @@ class Request:
         gives them requests of their own); never stale, its weights never change."""
         return bool(self.prompts.origins) and all(o == TEACHER for o in self.prompts.origins)
 
+    @property
+    def replayed(self) -> bool:
+        """The replay buffer serves this request (DistiLLM: replay.py): old by design, its
+        sampler's log-probs correct for that."""
+        return bool(self.prompts.origins) and all(o == REPLAY for o in self.prompts.origins)
+
 
 @dataclass
 class ReadyBatch:
@@ -68,19 +74,22 @@ class ReadyBatch:
         student's samples: the teacher's engines hold no version, and a dataset response no
         sampler; 0 when there is none of them)."""
         return [version - s.weights_version for s in self.summaries
-                for o in (s.origin or [0] * len(s.uids)) if o != TEACHER] or [0]
+                for o in (s.origin or [0] * len(s.uids)) if o not in SERVED_ELSEWHERE] or [0]
 
 
 class RolloutPipeline:
     def __init__(self, pool: RolloutPool, teachers: list[ActorGroup], prompts_for: Callable[[int], PromptBatch],
                  requests_per_step: int, max_staleness: int, end_step: int, event: Callable[[str], None],
                  teacher_of: list[int] | None = None, teacher_pool: RolloutPool | None = None,
-                 skd: tuple | None = None):
+                 skd: tuple | None = None, replay: Callable[[int, int, int], tuple] | None = None):
         """`prompts_for(step)` draws the prompts of `step` (called once per step, in order).
         `teachers`: each teacher's pool; `teacher_of`: each dataset row's teacher (routed), or
         None: every teacher scores every sequence (one teacher, or an ensemble). `teacher_pool`:
-        the teacher's own engines, for the requests it generates (GKD's teacher samples)."""
+        the teacher's own engines, for the requests it generates (GKD's teacher samples).
+        `replay(step, start, count)`: (their prompts, a RolloutShard) of the step's replayed groups
+        start .. start + count."""
         self.pool, self.teachers, self.prompts_for, self.teacher_pool = pool, teachers, prompts_for, teacher_pool
+        self.replay = replay
         self.requests_per_step, self.max_staleness, self.end_step = requests_per_step, max_staleness, end_step
         self.event, self.teacher_of = event, teacher_of
         # the teacher in the sampling loop: (verdict, its parameter, block), and the scorer asked next
@@ -101,7 +110,15 @@ class RolloutPipeline:
 
     def _generate(self, r: Request) -> None:
         """Send `r` to the ready engine with the fewest requests still generating; with none
-        ready (restarted ones wait for the next weight push) it waits (`_send_waiting`)."""
+        ready (restarted ones wait for the next weight push) it waits (`_send_waiting`). A
+        replayed request is served at once, and goes to the teachers."""
+        if r.replayed:  # the step's replayed groups are one draw, cut in request order
+            start = sum(len(q.prompts.uids) for q in self.inflight[r.step][:self.inflight[r.step].index(r)]
+                        if q.replayed)
+            r.prompts, shard = self.replay(r.step, start, len(r.prompts.uids))
+            r.engine, r.shard, r.summary_ref, r.summary = -1, ray.put(shard), None, summarize(shard)
+            self._score(r)
+            return
         pool = self._pool(r)
         load = {i: 0 for i in pool.ready()}
         for q in self._pending():
@@ -209,8 +226,8 @@ class RolloutPipeline:
                 if any(r.summary_ref is None for r in self.inflight[step]):
                     raise TrainingError(f"step {step + 1}: no rollout engine is ready to generate its samples")
                 self.pump(block=True)
-            stale = [r for r in self.inflight[step]
-                     if version - r.summary.weights_version > self.max_staleness and not r.by_teacher]
+            stale = [r for r in self.inflight[step] if version - r.summary.weights_version > self.max_staleness
+                     and not r.by_teacher and not r.replayed]
             if not stale:
                 return ReadyBatch(step, self.inflight.pop(step))
             self.event(f"step {step + 1}: {len(stale)} request(s) sampled more than {self.max_staleness} versions "

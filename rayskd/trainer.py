@@ -18,7 +18,9 @@ import ray
 
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
-from .batch import DATASET, MIXED, MIXTURE, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, teacher_last
+from .batch import (
+    DATASET, MIXED, MIXTURE, REPLAY, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, teacher_last,
+)
 from .config import (
     Config, engines_sleep, requests_per_step, teacher_coefs, teacher_generates, teacher_names, teacher_paths, to_yaml,
 )
@@ -27,6 +29,7 @@ from .learner import StepMetrics, learner_shares, train_step_args
 from .losses import TaidState, coef_at
 from .metrics import MetricsLog, StepRecord
 from .pipeline import ReadyBatch, RolloutPipeline
+from .replay import ReplayBuffer, Threshold, distillm_origins
 from .preflight import Inputs, UsageError, check_gpu_layout, check_inputs, local_gpus, resolve_models
 from .rollout_pool import MAX_RETRIES, RolloutPool, start_rollout
 from .tracking import open_sinks
@@ -104,6 +107,12 @@ class Trainer:
         self.nonfinite_in_a_row = self.bad_teacher_in_a_row = 0
         # TAID's t and its momentum: training state, in every checkpoint (None: another divergence)
         self.taid = TaidState(t=cfg.algorithm.kd.taid.t_start) if cfg.algorithm.kd.divergence == "taid" else None
+        # DistiLLM's replay buffer and its probability t of the student's sequences: training state,
+        # in every checkpoint (None: off); its validation set, tokenised when first needed
+        dm = cfg.algorithm.distillm
+        self.replay = ReplayBuffer(dm.capacity) if dm.capacity else None
+        self.threshold = Threshold(dm.init_threshold) if dm.capacity else None
+        self.references: list[tuple[list[int], list[int]]] | None = None
         self.started_steps = 0  # in this process (a resumed run counts from its restart)
         self.rollout = self.teacher = self.learner = self.pipeline = self.golden = None
         self.teachers: list = []
@@ -214,7 +223,7 @@ class Trainer:
                ("mix", algo.kd.minillm.mix_alpha, 1) if algo.kd.minillm.mix_alpha else None)
         self.pipeline = RolloutPipeline(self.rollout, self.teachers, self._next_prompts, requests_per_step(cfg),
                                         cfg.algorithm.max_staleness, cfg.run.steps, self.log.event, inputs.teacher_of,
-                                        self.teacher_rollout, skd)
+                                        self.teacher_rollout, skd, self._replayed if self.replay is not None else None)
         if cfg.run.resume == "auto":
             self.restore()
 
@@ -282,6 +291,8 @@ class Trainer:
             metrics = self._train(batch, coef, 1.0 if taid_t is None else taid_t)
             self.step_num += 1
             self._advance_taid(metrics)
+            if self.replay is not None:  # the step's fresh samples, for later steps to replay
+                self.replay.add(ray.get([r.shard for r in batch.requests]))
             self.rehearsal_pos += cfg.algorithm.rehearsal.samples_per_step if cfg.algorithm.rehearsal.coef > 0 else 0
         staleness = batch.staleness(self.weights_version)
         learned = metrics.record(cfg.algorithm)
@@ -289,7 +300,8 @@ class Trainer:
             learned["kd_divergence_by_teacher"] = dict(zip(teacher_names(cfg), learned["kd_divergence_by_teacher"]))
         record = StepRecord(step=self.step_num, **batch_stats(batch.summaries), **learned,
                             kd_coef=coef, taid_t=taid_t, staleness_max=max(staleness), staleness_mean=sum(staleness) / len(staleness),
-                            skipped_long_prompts=self.inputs.train.skipped_too_long, startup_s=startup_s)
+                            skipped_long_prompts=self.inputs.train.skipped_too_long, startup_s=startup_s,
+                            distillm_t=self.threshold.t if self.threshold is not None else None)
         self.stops.unlogged = record  # the update is done: its record goes out on any stop
         with timer("sync_s"):
             self.sync_weights()
@@ -335,7 +347,31 @@ class Trainer:
             batch.origins = [MIXED] * len(batch.uids)
         if self.cfg.algorithm.kd.minillm.mix_alpha:  # every sequence drawn from the teacher-student mixture
             batch.origins = [MIXTURE] * len(batch.uids)
+        if self.replay is not None:  # DistiLLM: the dataset's, the student's fresh or replayed
+            batch.origins = distillm_origins(self.cfg.run.seed, step, len(batch.uids), self.threshold.t,
+                                             step / self.cfg.run.steps, self.replay.full)
         return teacher_last(batch)
+
+    def _replayed(self, step: int, start: int, count: int) -> tuple[PromptBatch, object]:
+        """Groups start .. start + count of `step`'s draw from the replay buffer (the pipeline asks
+        when it fills the step, request by request): their prompts and the shard."""
+        shard = self.replay.draw(self.cfg.run.seed, step, start, count)
+        prompts = prompt_batch(self.inputs.train, shard.uids_N[::shard.group_size].tolist())
+        prompts.origins = [REPLAY] * count
+        return prompts, shard
+
+    def _validation_loss(self) -> float:
+        """DistiLLM's validation loss: the student's token cross-entropy on the evaluation's
+        reference responses (the answer column, as a dataset response is built) given their prompts."""
+        if self.references is None:
+            from transformers import AutoTokenizer
+
+            tok, ev, cap = AutoTokenizer.from_pretrained(self.cfg.student.path), self.inputs.eval, \
+                self.cfg.rollout.max_new_tokens
+            self.references = [(ev.prompt_ids[i], (tok(str(row["answer"]), add_special_tokens=False)["input_ids"]
+                                                   + [self.inputs.eos_id])[:cap]) for i, row in enumerate(ev.rows)]
+        total, count = ray.get(self.learner.call("reference_loss", self.references))[0]  # every rank: ZeRO-3
+        return total / max(count, 1)
 
     def sync_weights(self, version: int | None = None) -> float:
         """Push the learner's weights to every rollout engine as `version` (default: the next
@@ -377,13 +413,16 @@ class Trainer:
         return {"step": self.step_num, "weights_version": self.weights_version, "rehearsal_pos": self.rehearsal_pos,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sampler": self.sampler.state_dict(),
                 "learner_world_size": self.cfg.learner.world_size, "zero_stage": self.cfg.learner.zero_stage,
-                "data": self.data, "taid": dataclasses.asdict(self.taid) if self.taid is not None else None}
+                "data": self.data, "taid": dataclasses.asdict(self.taid) if self.taid is not None else None,
+                "distillm": dataclasses.asdict(self.threshold) if self.threshold is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num, self.weights_version = state["step"], state["weights_version"]
         self.rehearsal_pos, self.nonfinite_in_a_row = state["rehearsal_pos"], state["nonfinite_in_a_row"]
         if self.taid is not None and state.get("taid") is not None:  # (a run that switched to taid starts at t_start)
             self.taid = TaidState(**state["taid"])
+        if self.threshold is not None and state.get("distillm") is not None:
+            self.threshold = Threshold(**state["distillm"])
         if self.data_changed:  # (run.allow_data_change): the sampler's place in the old data means nothing now
             self.log.event(f"{self.data_changed} since the checkpoint: training on it as it is now, from the start "
                            f"of a new pass (run.allow_data_change)")
@@ -398,6 +437,8 @@ class Trainer:
         staging = checkpoint.staging_dir(cfg.run.output_dir, self.step_num)
         ray.get(self.learner.call("save_state", staging, cfg.student.path))
         self.pipeline.save(staging, wait=wait)
+        if self.replay is not None:
+            self.replay.save(staging)
         path = checkpoint.commit(cfg.run.output_dir, self.step_num, self.state_dict(), cfg.run.keep_checkpoints)
         self.stops.checkpointed_step = self.step_num
         self.log.event(f"checkpoint: {path}")
@@ -439,6 +480,8 @@ class Trainer:
         ray.get(self.learner.call("load_state", path))
         self.stops.checkpointed_step = step
         self.load_state_dict(checkpoint.load_trainer_state(path))
+        if self.replay is not None:
+            self.replay.load(path)
         self.log.truncate_after(step)
         self.sync_weights(version=self.weights_version)  # the restored weights keep their version
         self.pipeline.load(path)  # the samples already drawn for the next steps (max_staleness >= 1)
@@ -465,6 +508,11 @@ class Trainer:
             return None
         scorers = {"proxy": self.teacher, "golden": self.golden} if self.golden is not None else None
         result = {"step": self.step_num, **evaluate_on(self.rollout, self.inputs.eval, self.cfg.run, scorers)}
+        if self.threshold is not None:  # DistiLLM: t rises when the validation loss has risen
+            dm = self.cfg.algorithm.distillm
+            result["validation_loss"] = self._validation_loss()
+            self.threshold = self.threshold.update(result["validation_loss"], dm.raise_by, dm.loss_eps)
+            result["distillm_t"] = self.threshold.t
         self.log.log_eval(result)
         if scorers:  # over every evaluation of the run, those before a resume included
             with open(self.log.eval_path) as f:
