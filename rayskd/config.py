@@ -42,6 +42,9 @@ class RunConfig:
     # responses per problem at the rollout settings (0: greedy only); in RUN_DIR/eval.jsonl
     eval_samples: int = 8
     eval_k: Tuple[int, ...] = (1, 4, 8)
+    # > 0: the evaluations between the first and the last draw this many samples per problem (a
+    # learning curve's cheaper points; pass@k for the k of eval_k it allows); 0: eval_samples
+    eval_curve_samples: int = 0
     tensorboard: bool = True  # event files in RUN_DIR/tensorboard
     wandb_project: Optional[str] = None  # also log to Weights & Biases (WANDB_MODE=offline works)
     resume: str = "never"  # never | auto
@@ -540,6 +543,8 @@ def validate(cfg: Config) -> None:
     _check(run.max_restarts >= 0, "run.max_restarts", "must be >= 0 (0: no automatic restart)")
     _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     _check(run.eval_samples >= 0, "run.eval_samples", "must be >= 0 (0: greedy accuracy only)")
+    _check(0 <= run.eval_curve_samples <= run.eval_samples, "run.eval_curve_samples",
+           f"must be in [0, run.eval_samples={run.eval_samples}] (0: run.eval_samples)")
     for k in run.eval_k if run.eval_samples else ():
         _check(1 <= k <= run.eval_samples, "run.eval_k",
                f"pass@{k} needs 1 <= k <= run.eval_samples ({run.eval_samples})")
@@ -615,6 +620,8 @@ def validate(cfg: Config) -> None:
     if algo.gkd.lmbda < 1 and algo.gkd.off_policy == "teacher":
         _check(gen.num_workers >= 1, "teacher.generation.num_workers",
                "algorithm.gkd.off_policy=teacher samples from the teacher: give it engines (>= 1)")
+    _check(algo.distillm.capacity >= 0, "algorithm.distillm.capacity",
+           f"must be >= 0 (0: off), got {algo.distillm.capacity}")
     if algo.gkd.lmbda < 1 or algo.distillm.capacity:
         # on a sequence the student did not sample, a sampled-token estimate is not of any KL to
         # the student: GKD takes the divergence of the whole next-token distributions there
@@ -624,7 +631,6 @@ def validate(cfg: Config) -> None:
                f"{what} trains on sequences the student did not sample, where "
                f"{kd.estimator} estimates nothing: use a distribution estimator (topk, full, sparse)")
     dm = algo.distillm
-    _check(dm.capacity >= 0, "algorithm.distillm.capacity", f"must be >= 0 (0: off), got {dm.capacity}")
     if dm.capacity:
         _check(0 <= dm.init_threshold <= 1, "algorithm.distillm.init_threshold",
                f"is a probability, got {dm.init_threshold}")

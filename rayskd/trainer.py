@@ -507,7 +507,11 @@ class Trainer:
         if self.inputs.eval is None:
             return None
         scorers = {"proxy": self.teacher, "golden": self.golden} if self.golden is not None else None
-        result = {"step": self.step_num, **evaluate_on(self.rollout, self.inputs.eval, self.cfg.run, scorers)}
+        run = self.cfg.run
+        if run.eval_curve_samples and 0 < self.step_num < run.steps:  # a point of the curve between the ends
+            run = dataclasses.replace(run, eval_samples=run.eval_curve_samples,
+                                      eval_k=tuple(k for k in run.eval_k if k <= run.eval_curve_samples))
+        result = {"step": self.step_num, **evaluate_on(self.rollout, self.inputs.eval, run, scorers)}
         if self.threshold is not None:  # DistiLLM: t rises when the validation loss has risen
             dm = self.cfg.algorithm.distillm
             result["validation_loss"] = self._validation_loss()

@@ -3,6 +3,7 @@ same budget (the task's config: steps, prompts, samples, learning rate), each wi
 seeds, one after another on this machine.
 
     ./scripts/compare_demo.sh --task split --seeds 3      # or: python scripts/compare_demo.py ...
+    ./scripts/compare_demo.sh --task gaps --seeds 3       # the six below and kdrl_fkl, gkd_jsd, taid, minillm
 
 Methods (overrides of the task's config; nothing else differs):
   grpo              GRPO only                                algorithm.kd.coef=0
@@ -12,6 +13,11 @@ Methods (overrides of the task's config; nothing else differs):
                     over the run, the teacher term on failed responses only (incorrect_only)
   dph_fkl           GRPO + DPH-RL rehearsal, forward KL to the initial student (coef 0.05)
   dph_js            GRPO + DPH-RL rehearsal, Jensen-Shannon (coef 0.2)
+  kdrl_fkl          GRPO + forward KL on the teacher's top-8 (+ tail), at kd.coef
+  gkd_jsd           distillation only: GKD's generalised JSD, beta 0.5, on the top-8 (on-policy)
+  taid              distillation only: TAID on the top-8 (its defaults: t 0.4 -> 1)
+  minillm           distillation only: MiniLLM's sequence-level reverse KL (gamma 0.95, length norm)
+  skd               distillation only: speculative KD, top-2, blocks of 2, forward KL on the top-8
 The rehearsal coefficients are the top of DPH-RL's reported ranges (forward KL 0.01-0.05,
 JS 0.05-0.2). Its data (`rayskd presample`, once, seed 0, the first --presample-prompts
 training prompts): the initial student's correct responses among 8 per prompt, kept for
@@ -38,13 +44,22 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"arith": "configs/demo.yaml", "split": "configs/demo_split.yaml"}
-ASSETS = {"arith": "demo_assets", "split": "demo_assets_split"}
+CONFIGS = {"arith": "configs/demo.yaml", "split": "configs/demo_split.yaml", "gaps": "configs/demo_gaps.yaml"}
+ASSETS = {"arith": "demo_assets", "split": "demo_assets_split", "gaps": "demo_assets_gaps"}
 METHODS = ("grpo", "distill_rkl", "kdrl", "kdrl_anneal_mask", "dph_fkl", "dph_js")
+# the methods table's other rows that apply to a one-teacher task without reference responses
+# (the gaps comparison runs them too; their coefficients are the table's, fixed before any run).
+# Speculative KD applies too but costs twice a plain step: it is run only when asked for, to
+# keep the gaps comparison under 40 minutes on 2 cores
+MORE_METHODS = ("kdrl_fkl", "gkd_jsd", "taid", "minillm", "skd")
+DEFAULT_METHODS = {"arith": METHODS, "split": METHODS, "gaps": METHODS + MORE_METHODS[:-1]}
 LABELS = {"grpo": "GRPO only", "distill_rkl": "distillation only (reverse KL)", "kdrl": "KDRL (GRPO + k2 reverse KL)",
           "kdrl_anneal_mask": "KDRL, annealed + reward-guided mask", "dph_fkl": "GRPO + DPH-RL forward KL",
-          "dph_js": "GRPO + DPH-RL JS"}
-KEYS = ("greedy_accuracy", "pass@1", "pass@4", "pass@8")
+          "dph_js": "GRPO + DPH-RL JS", "kdrl_fkl": "GRPO + forward KL on the teacher's top-8",
+          "gkd_jsd": "GKD: distillation only, generalised JSD (beta 0.5) on the top-8",
+          "taid": "TAID: distillation only, on the top-8", "minillm": "MiniLLM: distillation only, sequence-level",
+          "skd": "speculative KD: distillation only, forward KL on the top-8"}
+KEYS = ("greedy_accuracy", "pass@1", "pass@4", "pass@8", "pass@16", "pass@64", "distinct_right")
 
 
 def overrides(method: str, steps: int, coef: float, rehearsal_data: str) -> list[str]:
@@ -57,7 +72,16 @@ def overrides(method: str, steps: int, coef: float, rehearsal_data: str) -> list
                              f"algorithm.kd.decay={0.9 * coef / steps}", "algorithm.kd.mask=incorrect_only"],
         "dph_fkl": [*rehearsal, "algorithm.rehearsal.divergence=forward_kl", "algorithm.rehearsal.coef=0.05"],
         "dph_js": [*rehearsal, "algorithm.rehearsal.divergence=js", "algorithm.rehearsal.coef=0.2"],
+        "kdrl_fkl": [*TOPK, "algorithm.kd.divergence=forward_kl"],
+        "gkd_jsd": ["algorithm.pg_coef=0", *TOPK, "algorithm.kd.divergence=generalized_jsd", "algorithm.kd.beta=0.5"],
+        "taid": ["algorithm.pg_coef=0", *TOPK, "algorithm.kd.divergence=taid"],
+        "minillm": ["algorithm.pg_coef=0", "algorithm.kd.estimator=minillm"],
+        "skd": ["algorithm.pg_coef=0", *TOPK, "algorithm.kd.divergence=forward_kl", "algorithm.skd.top_k=2",
+                "algorithm.skd.block=2"],
     }[method]
+
+
+TOPK = ("algorithm.kd.estimator=topk", "teacher.top_k=8")
 
 
 def rayskd(*args: str, quiet: bool = False) -> None:
@@ -87,16 +111,40 @@ def summarize(run_dirs: list[str]) -> dict:
         at = [next(e for e in per if e["step"] == step) for per in evals]
         by_step[step] = {k: {"mean": statistics.fmean(e[k] for e in at), "spread": max(e[k] for e in at) - min(e[k] for e in at)}
                          for k in KEYS if k in at[0]}
+        # training seconds to reach the step (the steps' step_s: generation, scoring, update, sync)
+        by_step[step]["train_s"] = statistics.fmean(sum(r["step_s"] for r in per if r["step"] <= step)
+                                                    for per in metrics)
     return {"final": {k: [per[-1][k] for per in evals] for k in KEYS if k in evals[0][-1]},
             "by_step": by_step,
-            "train_s": [round(sum(r["step_s"] for r in per), 1) for per in metrics]}
+            "train_s": [round(sum(r["step_s"] for r in per), 1) for per in metrics],
+            "startup_s": [round(per[0].get("startup_s") or 0.0, 1) for per in metrics],
+            "curves": [[(round(sum(r["step_s"] for r in m if r["step"] <= e["step"]), 2), e["pass@1"]) for e in per]
+                       for per, m in zip(evals, metrics)]}
 
 
-def facts(model_dir: str) -> dict:
-    """rayskd.data.demo_split.fact_usage on the split task's held-out problems."""
-    from rayskd.data.demo_split import fact_usage
+def at_time(curve: list, t: float) -> float:
+    """pass@1 at training seconds t on one run's curve [(seconds, pass@1), ...] (step 0 at 0 s),
+    linear between its evaluations; its last value past its end."""
+    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
+        if t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / max(t1 - t0, 1e-9)
+    return curve[-1][1]
 
-    with open(os.path.join(ROOT, ASSETS["split"], "eval.jsonl")) as f:
+
+def equal_time(runs: dict) -> dict:
+    """Accuracy at equal wall-clock: every method's pass@1 at the training seconds the fastest
+    method needed for all its steps (mean over seeds, and the seeds' values)."""
+    budget = min(statistics.fmean(run["train_s"]) for run in runs.values())
+    return {"train_s": round(budget, 1),
+            "pass@1": {m: [round(at_time(c, budget), 4) for c in run["curves"]] for m, run in runs.items()}}
+
+
+def facts(task: str, model_dir: str) -> dict:
+    """The task's fact_usage (rayskd.data.demo_split or demo_gaps) on its held-out problems."""
+    import importlib
+
+    fact_usage = importlib.import_module(f"rayskd.data.demo_{task}").fact_usage
+    with open(os.path.join(ROOT, ASSETS[task], "eval.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {k: round(v, 4) for k, v in fact_usage(model_dir, rows).items()}
 
@@ -105,7 +153,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(CONFIGS), default="split")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", help="comma-separated subset of " + ",".join(METHODS + MORE_METHODS) +
+                   " (default: the first six; for gaps all)")
     p.add_argument("--min-correct", type=int, default=1,
                    help="DPH-RL: keep a prompt's presampled responses when it solved at least this many of 8")
     p.add_argument("--presample-prompts", type=int, default=4000, help="DPH-RL: presample this many training prompts")
@@ -113,8 +162,8 @@ def main() -> int:
     p.add_argument("--from", dest="from_dir", help="summarise the runs in this directory instead of training")
     p.add_argument("extra", nargs="*", help="key=value overrides for every run")
     args = p.parse_args()
-    methods = args.methods.split(",")
-    if unknown := set(methods) - set(METHODS):
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS[args.task])
+    if unknown := set(methods) - set(METHODS + MORE_METHODS):
         p.error(f"unknown methods: {', '.join(sorted(unknown))}")
     sys.path.insert(0, ROOT)
     from rayskd.config import load_config
@@ -141,8 +190,8 @@ def main() -> int:
             dirs[method].append(os.path.join(ROOT, run_dir))
         runs[method] = {"label": LABELS[method], "overrides": overrides(method, cfg.run.steps, cfg.algorithm.kd.coef,
                                                                          rehearsal_data), **summarize(dirs[method])}
-        if args.task == "split":
-            runs[method]["facts"] = [facts(os.path.join(d, "final")) for d in dirs[method]]
+        if args.task in ("split", "gaps"):
+            runs[method]["facts"] = [facts(args.task, os.path.join(d, "final")) for d in dirs[method]]
     initial = [read_jsonl(os.path.join(d, "eval.jsonl"))[0] for per in dirs.values() for d in per]
     with open(os.path.join(ROOT, ASSETS[args.task], "report.json")) as f:
         assets = json.load(f)
@@ -156,11 +205,11 @@ def main() -> int:
         # every run evaluates the same initial student at step 0 (its own sampling seed): the mean
         "initial": {k: statistics.fmean(e[k] for e in initial) for k in KEYS if k in initial[0]},
         "initial_spread": {k: max(e[k] for e in initial) - min(e[k] for e in initial) for k in KEYS if k in initial[0]},
-        "runs": runs, "wall_s": None if args.from_dir else round(time.time() - t0, 1),
+        "runs": runs, "equal_time": equal_time(runs), "wall_s": None if args.from_dir else round(time.time() - t0, 1),
     }
-    if args.task == "split":
-        result["initial_facts"] = facts(os.path.join(ROOT, ASSETS["split"], "student"))
-        result["teacher_facts"] = facts(os.path.join(ROOT, ASSETS["split"], "teacher"))
+    if args.task in ("split", "gaps"):
+        result["initial_facts"] = facts(args.task, os.path.join(ROOT, ASSETS[args.task], "student"))
+        result["teacher_facts"] = facts(args.task, os.path.join(ROOT, ASSETS[args.task], "teacher"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
@@ -172,24 +221,35 @@ def main() -> int:
 
 
 def table(result: dict) -> str:
-    """The README's table: the final held-out numbers, mean ± spread/2 over seeds."""
+    """The README's tables: the final held-out numbers, mean [lowest, highest] over seeds; the
+    pass@1 curve with each step's training seconds, and pass@1 at equal wall-clock; what the
+    final models do with the task's facts."""
     keys = [k for k in KEYS if k in result["initial"]]
+    cell = lambda v: f"{statistics.fmean(v):.3f} [{min(v):.3f}, {max(v):.3f}]"  # noqa: E731
     lines = [f"| {result['task']}, step {result['steps']}, {result['seeds']} seeds | " + " | ".join(keys) + " | training s |",
              "|---" * (len(keys) + 2) + "|",
              "| initial student | " + " | ".join(f"{result['initial'][k]:.3f}" for k in keys) + " | |"]
     for method, run in result["runs"].items():
-        cells = [f"{statistics.fmean(run['final'][k]):.3f} [{min(run['final'][k]):.3f}, {max(run['final'][k]):.3f}]"
-                 for k in keys]
+        cells = [cell(run["final"][k]) for k in keys]
         lines.append(f"| {run['label']} (`{method}`) | " + " | ".join(cells) + f" | {statistics.fmean(run['train_s']):.0f} |")
+    steps = sorted({int(s) for run in result["runs"].values() for s in run["by_step"]})
+    budget = result.get("equal_time")
+    lines += ["", "| pass@1 by step (mean of seeds; training s to reach it) | " + " | ".join(f"step {s}" for s in steps) +
+              (f" | at {budget['train_s']:.0f} s |" if budget else " |"), "|---" * (len(steps) + 1 + bool(budget)) + "|"]
+    for method, run in result["runs"].items():
+        by = {int(s): v for s, v in run["by_step"].items()}
+        cells = [f"{by[s]['pass@1']['mean']:.3f} ({by[s]['train_s']:.0f} s)" if s in by else "" for s in steps]
+        if budget:
+            cells.append(cell(budget["pass@1"][method]))
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     if "initial_facts" in result:
-        lines += ["", "| split: sampled answers (8 per held-out problem) | pairs on a misconceived fact | b right there "
-                  "| b right elsewhere | distinct right answers / problem |", "|---|---|---|---|---|"]
+        fkeys = list(result["initial_facts"])
+        lines += ["", f"| {result['task']}: sampled answers (8 per held-out problem) | " + " | ".join(fkeys) + " |",
+                  "|---" * (len(fkeys) + 1) + "|"]
         rows = [("initial student", [result["initial_facts"]]), ("teacher", [result["teacher_facts"]])]
         rows += [(f"`{method}`", run["facts"]) for method, run in result["runs"].items()]
         for name, per_seed in rows:
-            lines.append(f"| {name} | " + " | ".join(
-                f"{statistics.fmean(f[k] for f in per_seed):.3f}"
-                for k in ("misconceived_share", "misconceived_right", "other_right", "distinct_right")) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{statistics.fmean(f[k] for f in per_seed):.3f}" for k in fkeys) + " |")
     return "\n".join(lines)
 
 

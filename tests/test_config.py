@@ -72,6 +72,9 @@ def test_overrides_and_read_only():
     ("algorithm.skd.top_k=2", "algorithm.pg_coef"),  # its sequences are not the student's samples
     ("algorithm.skd.block=0", "algorithm.skd.block"),
     ("algorithm.kd.minillm.mix_alpha=1", "algorithm.kd.minillm.mix_alpha"),
+    ("run.eval_curve_samples=9", "run.eval_curve_samples"),  # more than run.eval_samples (8)
+    ("algorithm.distillm.capacity=8", "algorithm.kd.estimator"),  # it trains on dataset responses
+    ("algorithm.distillm.capacity=-1", "algorithm.distillm.capacity"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

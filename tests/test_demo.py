@@ -135,10 +135,10 @@ def test_gaps_task_has_its_premise_in_its_data(tmp_path):
     text = demo_gaps.answer("385172", random.Random(1), teacher)
     assert len(text) == 13 and text[6] == "+"
 
-    small = {**demo_gaps.RECIPE, "n_train": 300, "n_eval": 16, "teacher_steps": 20, "student_steps": 20,
-             "batch_size": 32}
+    small = {**demo_gaps.RECIPE, "n_train": 60, "n_eval": 16, "teacher_steps": 4, "student_steps": 4,
+             "batch_size": 16}
     with demo.pinned_numerics():
         report = demo_gaps.build(str(tmp_path), "fp", 0, lambda m: None, small)
-    assert report["train_size"] == 300 and report["eval_size"] == 16 and len(report["teacher_wrong_facts"]) == 11
+    assert report["train_size"] == 60 and report["eval_size"] == 16 and len(report["teacher_wrong_facts"]) == 11
     assert 0 <= report["eval_problems_without_gaps"] <= 16
     assert {p.name for p in tmp_path.iterdir()} >= {"train.jsonl", "eval.jsonl", "teacher", "student"}

@@ -101,10 +101,11 @@ def build(tmp: str, fp: str, seed: int, log, recipe: dict = RECIPE) -> dict:
 
 def fact_usage(model_dir: str, rows, seed: int = 0, samples: int = 8) -> dict:
     """How a model's sampled answers treat the task's facts (recipe's seed 0): how often b is
-    right on the student's gap digits (`gap_right`; the initial student ~gap_right_rate), on
-    the teacher's wrong facts (`teacher_wrong_right`), and on the other facts (`other_right`),
-    and the share of digit pairs on a teacher-wrong fact (`teacher_wrong_share`: a policy that
-    routes around them lowers it)."""
+    right on the teacher's wrong facts (`teacher_wrong_right`: the student knows the four on
+    digits 2-5, nobody the others), on the student's gap digits' other facts (`gap_right`: the
+    initial student ~gap_right_rate, the teacher ~1) and on the rest (`other_right`), and the
+    share of digit pairs on a teacher-wrong fact (`teacher_wrong_share`, ~0.12 for a uniform a:
+    a policy that routes around them lowers it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,7 +123,7 @@ def fact_usage(model_dir: str, rows, seed: int = 0, samples: int = 8) -> dict:
                 continue
             for x, ai, bi in zip(map(int, row["answer"]), map(int, a), map(int, b)):
                 if ai <= x:
-                    counts = kinds["gap" if x in gaps else "teacher_wrong" if (x, ai) in wrong else "other"]
+                    counts = kinds["teacher_wrong" if (x, ai) in wrong else "gap" if x in gaps else "other"]
                     counts[0] += 1
                     counts[1] += bi == x - ai
     pairs = sum(c[0] for c in kinds.values())
