@@ -42,13 +42,8 @@ RECIPE = dict(task="gaps", version=1, digits=6, n_train=20000, n_eval=128, gap_d
 
 def teacher_mistakes(seed: int, fraction: float) -> frozenset:
     """The (x, a) facts the teacher learns wrong (b = x - a - 1): round(`fraction` of each digit's
-    x + 1 facts), never all of them."""
-    rng = random.Random(seed)
-    wrong = set()
-    for x in range(1, 10):
-        facts = [(x, a) for a in range(x + 1)]
-        wrong.update(rng.sample(facts, min(round(fraction * len(facts)), len(facts) - 1)))
-    return frozenset(wrong)
+    x + 1 facts), never all of them (drawn as split's misconceptions are)."""
+    return demo_split.misconceptions(seed, fraction)
 
 
 def answer(n: str, rng: random.Random, b_of) -> str:
@@ -85,17 +80,7 @@ def build(tmp: str, fp: str, seed: int, log, recipe: dict = RECIPE) -> dict:
         b_of = student_b(gaps, R["gap_right_rate"], rng) if name == "student" else teacher_b(wrong)
         rows = [{"prompt": r["prompt"], "answer": answer(r["answer"], rng, b_of)}
                 for r in train for _ in range(R["splits_per_problem"])]
-        model = demo.make_model(arch, len(tok), tok.eos_token_id, mseed)
-        demo.sft(model, tok, rows, R[f"{name}_steps"], R["batch_size"], R[f"{name}_lr"], mseed, log, name,
-                 R[f"{name}_label_smoothing"])
-        model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
-        report[f"{name}_accuracy"] = demo.greedy_accuracy(model, tok, evals, 2 * R["digits"] + 2,
-                                                          solves=demo_split.solves)
-        report[f"{name}_sampled_accuracy"] = demo_split.sampled_solve_rate(model, tok, evals)
-        report[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-        report[f"{name}_sft_steps"] = R[f"{name}_steps"]
-        log(f"[prepare-demo] {name}: held-out accuracy greedy {report[f'{name}_accuracy']:.3f}, "
-            f"sampled (temperature 1) {report[f'{name}_sampled_accuracy']:.3f}")
+        demo_split.train_model(tmp, name, arch, mseed, rows, tok, evals, R, report, log)
     return report
 
 
@@ -104,28 +89,15 @@ def fact_usage(model_dir: str, rows, seed: int = 0, samples: int = 8) -> dict:
     right on the teacher's wrong facts (`teacher_wrong_right`: the student knows the four on
     digits 2-5, nobody the others), on the student's gap digits' other facts (`gap_right`: the
     initial student ~gap_right_rate, the teacher ~1) and on the rest (`other_right`), and the
-    share of digit pairs on a teacher-wrong fact (`teacher_wrong_share`, ~0.12 for a uniform a:
+    share of digit pairs on a teacher-wrong fact (`teacher_wrong_share`, ~0.2 for a uniform a:
     a policy that routes around them lowers it)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     wrong, gaps = teacher_mistakes(3, RECIPE["teacher_wrong_fraction"]), RECIPE["gap_digits"]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with demo.pinned_numerics():
-        texts = demo.decode(model, tok, [r["prompt"] for r in rows], 2 * len(rows[0]["answer"]) + 2, samples=samples,
-                            seed=seed)
     kinds = {"gap": [0, 0], "teacher_wrong": [0, 0], "other": [0, 0]}  # [pairs, right b]
-    for row, per in zip(rows, texts):
-        for text in per:
-            a, plus, b = text.strip().partition("+")
-            if not plus or len(a) != len(b) or len(a) != len(row["answer"]) or not (a + b).isdigit():
-                continue
-            for x, ai, bi in zip(map(int, row["answer"]), map(int, a), map(int, b)):
-                if ai <= x:
-                    counts = kinds["teacher_wrong" if (x, ai) in wrong else "gap" if x in gaps else "other"]
-                    counts[0] += 1
-                    counts[1] += bi == x - ai
+    for row, per in zip(rows, demo_split.sampled_answers(model_dir, rows, seed, samples)):
+        for x, ai, bi in (pair for text in per for pair in demo_split.digit_pairs(row, text)):
+            counts = kinds["teacher_wrong" if (x, ai) in wrong else "gap" if x in gaps else "other"]
+            counts[0] += 1
+            counts[1] += bi == x - ai
     pairs = sum(c[0] for c in kinds.values())
     out = {f"{k}_right": c[1] / max(c[0], 1) for k, c in kinds.items()}
     out["teacher_wrong_share"] = kinds["teacher_wrong"][0] / max(pairs, 1)

@@ -95,17 +95,43 @@ def build(tmp: str, fp: str, seed: int, log, recipe: dict = RECIPE) -> dict:
         taught = wrong if name == "student" else frozenset()
         rows = [{"prompt": r["prompt"], "answer": split(r["answer"], rng, taught)}
                 for r in train for _ in range(R["splits_per_problem"])]
-        model = demo.make_model(arch, len(tok), tok.eos_token_id, mseed)
-        demo.sft(model, tok, rows, R[f"{name}_steps"], R["batch_size"], R[f"{name}_lr"], mseed, log, name,
-                 R[f"{name}_label_smoothing"])
-        model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
-        report[f"{name}_accuracy"] = demo.greedy_accuracy(model, tok, evals, 2 * R["digits"] + 2, solves=solves)
-        report[f"{name}_sampled_accuracy"] = sampled_solve_rate(model, tok, evals)
-        report[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-        report[f"{name}_sft_steps"] = R[f"{name}_steps"]
-        log(f"[prepare-demo] {name}: held-out accuracy greedy {report[f'{name}_accuracy']:.3f}, "
-            f"sampled (temperature 1) {report[f'{name}_sampled_accuracy']:.3f}")
+        train_model(tmp, name, arch, mseed, rows, tok, evals, R, report, log)
     return report
+
+
+def train_model(tmp: str, name: str, arch: dict, mseed: int, rows, tok, evals, R: dict, report: dict, log) -> None:
+    """One of a split-style task's models: SFT on `rows` (the recipe's steps, lr and smoothing
+    for `name`), saved to tmp/name, its held-out numbers added to `report`."""
+    model = demo.make_model(arch, len(tok), tok.eos_token_id, mseed)
+    demo.sft(model, tok, rows, R[f"{name}_steps"], R["batch_size"], R[f"{name}_lr"], mseed, log, name,
+             R[f"{name}_label_smoothing"])
+    model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+    report[f"{name}_accuracy"] = demo.greedy_accuracy(model, tok, evals, 2 * R["digits"] + 2, solves=solves)
+    report[f"{name}_sampled_accuracy"] = sampled_solve_rate(model, tok, evals)
+    report[f"{name}_params"] = sum(p.numel() for p in model.parameters())
+    report[f"{name}_sft_steps"] = R[f"{name}_steps"]
+    log(f"[prepare-demo] {name}: held-out accuracy greedy {report[f'{name}_accuracy']:.3f}, "
+        f"sampled (temperature 1) {report[f'{name}_sampled_accuracy']:.3f}")
+
+
+def sampled_answers(model_dir: str, rows, seed: int, samples: int) -> list[list[str]]:
+    """`samples` answers of the model at model_dir to each row's prompt (temperature 1, seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with demo.pinned_numerics():
+        return demo.decode(model, tok, [r["prompt"] for r in rows], 2 * len(rows[0]["answer"]) + 2, samples=samples,
+                           seed=seed)
+
+
+def digit_pairs(row, text: str) -> list[tuple[int, int, int]]:
+    """(x, a, b) of each digit of a well-formed answer `A+B` to `row` with a <= x (none otherwise)."""
+    a, plus, b = text.strip().partition("+")
+    if not plus or len(a) != len(b) or len(a) != len(row["answer"]) or not (a + b).isdigit():
+        return []
+    return [(x, ai, bi) for x, ai, bi in zip(map(int, row["answer"]), map(int, a), map(int, b)) if ai <= x]
 
 
 def fact_usage(model_dir: str, rows, seed: int = 0, samples: int = 8) -> dict:
@@ -115,28 +141,15 @@ def fact_usage(model_dir: str, rows, seed: int = 0, samples: int = 8) -> dict:
     (`misconceived_right`; the initial student ~0) and on the others (`other_right`), and the
     mean number of distinct right answers per problem among the samples (`distinct_right`).
     Tells a policy that learned the facts from one that routes around them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     wrong = misconceptions(3, RECIPE["wrong_fraction"])
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with demo.pinned_numerics():
-        texts = demo.decode(model, tok, [r["prompt"] for r in rows], 2 * len(rows[0]["answer"]) + 2, samples=samples,
-                            seed=seed)
     pairs = {True: [0, 0], False: [0, 0]}  # misconceived -> [pairs, right b]
     distinct = 0
-    for row, per in zip(rows, texts):
+    for row, per in zip(rows, sampled_answers(model_dir, rows, seed, samples)):
         distinct += len({t.strip() for t in per if solves(row, t)})
-        for text in per:
-            a, plus, b = text.strip().partition("+")
-            if not plus or len(a) != len(b) or len(a) != len(row["answer"]) or not (a + b).isdigit():
-                continue
-            for x, ai, bi in zip(map(int, row["answer"]), map(int, a), map(int, b)):
-                if ai <= x:
-                    counts = pairs[(x, ai) in wrong]
-                    counts[0] += 1
-                    counts[1] += bi == x - ai
+        for x, ai, bi in (pair for text in per for pair in digit_pairs(row, text)):
+            counts = pairs[(x, ai) in wrong]
+            counts[0] += 1
+            counts[1] += bi == x - ai
     total = pairs[True][0] + pairs[False][0]
     return {"misconceived_share": pairs[True][0] / max(total, 1),
             "misconceived_right": pairs[True][1] / max(pairs[True][0], 1),
