@@ -122,7 +122,7 @@ def batch_stats(summaries: list[RolloutSummary]) -> dict:
             "reward_errors": sum(int(s.stats.get("reward_errors", 0)) for s in summaries),
             "reward_timeouts": sum(int(s.stats.get("reward_timeouts", 0)) for s in summaries),
             "weights_version_sampled": min((s.weights_version for s in summaries
-                                            if not s.origin or not set(s.origin) & set(SERVED_ELSEWHERE)), default=None),
+                                            if not set(s.origin) & set(SERVED_ELSEWHERE)), default=None),
             "prompt_uids": sorted({u for s in summaries for u in s.uids}), **origin_stats(summaries, rewards)}
 
 

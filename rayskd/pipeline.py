@@ -113,8 +113,8 @@ class RolloutPipeline:
         ready (restarted ones wait for the next weight push) it waits (`_send_waiting`). A
         replayed request is served at once, and goes to the teachers."""
         if r.replayed:  # the step's replayed groups are one draw, cut in request order
-            start = sum(len(q.prompts.uids) for q in self.inflight[r.step][:self.inflight[r.step].index(r)]
-                        if q.replayed)
+            before = self.inflight[r.step][:next(i for i, q in enumerate(self.inflight[r.step]) if q is r)]
+            start = sum(len(q.prompts.uids) for q in before if q.replayed)
             r.prompts, shard = self.replay(r.step, start, len(r.prompts.uids))
             r.engine, r.shard, r.summary_ref, r.summary = -1, ray.put(shard), None, summarize(shard)
             self._score(r)

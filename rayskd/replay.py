@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import DATASET, REPLAY, STUDENT, RolloutShard, concat_shards, select_rows, shard_from_tensors, shard_to_tensors
+from .batch import (
+    DATASET, REPLAY, STUDENT, RolloutShard, concat_shards, select_rows, shard_from_tensors, shard_to_tensors,
+)
 
 BUFFER_FILE = "replay_buffer.safetensors"
 
@@ -28,7 +30,8 @@ def distillm_origins(seed: int, step: int, count: int, t: float, progress: float
     """Each of a step's `count` prompts' origin: u < t (1 - progress) the student's fresh samples;
     t (1 - progress) <= u < t replayed (fresh while the buffer is not full); u >= t the dataset's
     response. One uniform u per prompt from (seed, step): a resumed run draws the same."""
-    u = torch.rand(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + step + 104729), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 104729)
+    u = torch.rand(count, generator=gen, dtype=torch.float64)
     fresh = t * (1.0 - progress)
     return [STUDENT if x < fresh or (x < t and not full) else REPLAY if x < t else DATASET for x in u.tolist()]
 

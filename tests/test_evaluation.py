@@ -70,8 +70,8 @@ def test_distinct_right_answers_count_different_solving_responses():
     rewards = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.5, 0.0]
     n = len(responses)
     shard = RolloutShard(pad_rows([[0]] * n), torch.ones(n, dtype=torch.long), pad_rows(responses),
-                         torch.tensor(lengths), torch.zeros(n, 3), torch.tensor(rewards), torch.zeros(n, dtype=torch.bool),
-                         torch.tensor([0] * 4 + [1] * 4), 4, 0)
+                         torch.tensor(lengths), torch.zeros(n, 3), torch.tensor(rewards),
+                         torch.zeros(n, dtype=torch.bool), torch.tensor([0] * 4 + [1] * 4), 4, 0)
     assert EvalRows.count_distinct_right(shard, 4) == [2, 1]
     rows = EvalRows(greedy_reward=[1.0, 0.0], greedy_len=[3, 2], sampled_reward=[rewards[:4], rewards[4:]],
                     sampled_len=[lengths[:4], lengths[4:]], distinct_right=[2, 1])
