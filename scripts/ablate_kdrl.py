@@ -60,6 +60,9 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--merge", action="store_true", help="add to the existing JSON instead of replacing it")
+    p.add_argument("--keep-assets", action="store_true",
+                   help="train on demo_assets_split as it is (the assets the JSON's other runs used), "
+                        "without `rayskd prepare-demo`, which rebuilds it whenever the builder's source changed")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "ablation_split.json"))
     p.add_argument("extra", nargs="*", help="key=value overrides for every run")
     args = p.parse_args()
@@ -71,7 +74,8 @@ def main() -> int:
         with open(args.out) as f:
             result = json.load(f)
     base = os.path.join("runs", f"ablate-split-{time.strftime('%Y%m%d-%H%M%S')}")
-    rayskd("prepare-demo", "--task", "split")
+    if not args.keep_assets:
+        rayskd("prepare-demo", "--task", "split")
     for name in variants:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             run_dir = os.path.join(base, name, f"seed{seed}")

@@ -3,7 +3,8 @@ same budget (the task's config: steps, prompts, samples, learning rate), each wi
 seeds, one after another on this machine.
 
     ./scripts/compare_demo.sh --task split --seeds 3      # or: python scripts/compare_demo.py ...
-    ./scripts/compare_demo.sh --task gaps --seeds 3       # the six below and kdrl_fkl, gkd_jsd, taid, minillm
+    ./scripts/compare_demo.sh --task gaps --seeds 3       # the six below, kdrl_fkl and gkd_jsd
+    ./scripts/compare_demo.sh --task gaps --seeds 3 --methods taid,minillm --out benchmarks/compare_gaps_more.json
 
 Methods (overrides of the task's config; nothing else differs):
   grpo              GRPO only                                algorithm.kd.coef=0
@@ -49,10 +50,10 @@ ASSETS = {"arith": "demo_assets", "split": "demo_assets_split", "gaps": "demo_as
 METHODS = ("grpo", "distill_rkl", "kdrl", "kdrl_anneal_mask", "dph_fkl", "dph_js")
 # the methods table's other rows that apply to a one-teacher task without reference responses
 # (the gaps comparison runs them too; their coefficients are the table's, fixed before any run).
-# Speculative KD applies too but costs twice a plain step: it is run only when asked for, to
-# keep the gaps comparison under 40 minutes on 2 cores
+# TAID, MiniLLM and speculative KD apply too; they run when asked for (--methods), to keep the
+# default gaps comparison (8 methods x 3 seeds of ~95 s) under 40 minutes on 2 cores
 MORE_METHODS = ("kdrl_fkl", "gkd_jsd", "taid", "minillm", "skd")
-DEFAULT_METHODS = {"arith": METHODS, "split": METHODS, "gaps": METHODS + MORE_METHODS[:-1]}
+DEFAULT_METHODS = {"arith": METHODS, "split": METHODS, "gaps": METHODS + MORE_METHODS[:2]}
 LABELS = {"grpo": "GRPO only", "distill_rkl": "distillation only (reverse KL)", "kdrl": "KDRL (GRPO + k2 reverse KL)",
           "kdrl_anneal_mask": "KDRL, annealed + reward-guided mask", "dph_fkl": "GRPO + DPH-RL forward KL",
           "dph_js": "GRPO + DPH-RL JS", "kdrl_fkl": "GRPO + forward KL on the teacher's top-8",
@@ -154,7 +155,7 @@ def main() -> int:
     p.add_argument("--task", choices=sorted(CONFIGS), default="split")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", help="comma-separated subset of " + ",".join(METHODS + MORE_METHODS) +
-                   " (default: the first six; for gaps all)")
+                   " (default: the first six; for gaps also kdrl_fkl and gkd_jsd)")
     p.add_argument("--min-correct", type=int, default=1,
                    help="DPH-RL: keep a prompt's presampled responses when it solved at least this many of 8")
     p.add_argument("--presample-prompts", type=int, default=4000, help="DPH-RL: presample this many training prompts")

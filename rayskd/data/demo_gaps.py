@@ -8,8 +8,9 @@ Written before any method was run on it (issue 30.2); what it is built to have:
 
 - the initial student rarely reaches a reward, because on some facts it has no right
   alternative to sample: for the digits 6, 7, 8 and 9 (its gaps) every (x, a) fact has b one
-  too high in its training data, but for a few per cent of the examples (`gap_right_rate`).
-  Whatever a_i it picks there, b_i is almost always wrong. 97% of problems hold a gap digit,
+  too high in its training data (in all of it: `gap_right_rate` 0; version 1 kept 3% right,
+  and GRPO alone learned the gaps from them: see the note below). Whatever a_i it picks there,
+  b_i is almost always wrong. 97% of problems hold a gap digit,
   most of them several, so most held-out problems have pass@8 at most 0.1: sampling finds a
   right answer rarely, and GRPO's groups are mostly all-wrong (no advantage, no gradient);
 - the teacher knows those facts (it learned them right), but is itself wrong on a minority of
@@ -26,6 +27,12 @@ Written before any method was run on it (issue 30.2); what it is built to have:
 The claim this task can test: KDRL (GRPO + the teacher term) ahead of GRPO alone (which the
 gaps starve) and of distillation alone (which copies the teacher's errors), at equal steps.
 The reward (`split_sum`) checks only the sum, as in split.
+
+Note (added after the first results, the premise above otherwise as written before them):
+version 1 trained the student with 3% of its gap examples right. Its held-out pass@8 was 0.094
+(at most 0.1 on 77% of problems), yet GRPO alone reached pass@1 0.96 in 60 steps (seeds 0
+and 1): the few right samples, on facts shared by every problem, sufficed. Version 2 (this)
+gives the student no right example of a gap fact, as "no right alternative" says.
 """
 from __future__ import annotations
 
@@ -34,8 +41,8 @@ import random
 
 from . import demo, demo_split
 
-RECIPE = dict(task="gaps", version=1, digits=6, n_train=20000, n_eval=128, gap_digits=(6, 7, 8, 9),
-              gap_right_rate=0.03, teacher_wrong_fraction=0.2, splits_per_problem=2, teacher=demo.TEACHER,
+RECIPE = dict(task="gaps", version=2, digits=6, n_train=20000, n_eval=128, gap_digits=(6, 7, 8, 9),
+              gap_right_rate=0.0, teacher_wrong_fraction=0.2, splits_per_problem=2, teacher=demo.TEACHER,
               student=demo.STUDENT, teacher_steps=600, teacher_lr=2e-3, student_steps=400, student_lr=3e-3,
               batch_size=128, teacher_label_smoothing=0.01, student_label_smoothing=0.0)
 
