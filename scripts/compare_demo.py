@@ -28,10 +28,12 @@ design: of 4000 prompts, 27 are solved 4 or more times of 8, none 8 of 8), so th
 here keeps every correct response: the rehearsal covers all the initial student could solve.
 
 Writes benchmarks/compare_TASK.json: the initial student's held-out pass@k, and per method
-the final pass@k of each seed, mean and spread (max - min) by step, and training seconds
-(for split also how each final model uses the student's misconceived facts:
-rayskd.data.demo_split.fact_usage); and benchmarks/compare_TASK.png (`rayskd report`, seeds
-drawn as a band). `--from runs/compare-TASK-STAMP` summarises runs already made.
+the final pass@k of each seed, mean and spread (max - min) by step with the training seconds
+to reach it, each seed's pass@1 curve, pass@1 at equal wall-clock (the fastest method's
+training seconds), and training seconds (for split and gaps also how each final model uses the
+task's facts: rayskd.data.demo_split / demo_gaps .fact_usage); and benchmarks/compare_TASK.png
+(`rayskd report`, seeds drawn as a band). `--from runs/compare-TASK-STAMP` summarises runs
+already made.
 """
 from __future__ import annotations
 
