@@ -39,7 +39,15 @@ SERVED_ELSEWHERE = (TEACHER, REPLAY)
 
 def student_sampled(origin_N: torch.Tensor) -> torch.Tensor:
     """[N] bool: which sequences the student's engines sampled (STUDENT_SAMPLED)."""
-    return (origin_N == STUDENT) | (origin_N == REPLAY)
+    return torch.isin(origin_N, torch.tensor(STUDENT_SAMPLED, dtype=origin_N.dtype, device=origin_N.device))
+
+
+def reference_ids(tokenizer, answer: str, eos_id: int, max_new_tokens: int) -> tuple[list[int], bool]:
+    """A row's reference response as token ids: its answer column and the end of sequence, at
+    most max_new_tokens (and whether it was cut). GKD's dataset responses and DistiLLM's
+    validation loss both read it."""
+    ids = tokenizer(str(answer), add_special_tokens=False)["input_ids"] + [eos_id]
+    return ids[:max_new_tokens], len(ids) > max_new_tokens
 
 
 @dataclass

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from .actor_logs import log_to_file
-from .batch import DATASET, PromptBatch, RolloutShard, RolloutSummary, pad_rows, summarize
+from .batch import DATASET, PromptBatch, RolloutShard, RolloutSummary, pad_rows, reference_ids, summarize
 from .config import RewardConfig, RolloutConfig, engine_memory_fraction
 from .evaluation import EvalRows
 from .rewards.runner import RewardRunner
@@ -276,9 +276,7 @@ class RolloutEngine:
         """A dataset response (GKD's off-policy sequence): the reference's tokens and the end of
         sequence, at most rollout.max_new_tokens (cut: truncated); no sampler drew it (log-probs 0,
         unused: docs/algorithms.md, "Sequences of other origins")."""
-        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
-        cut = len(ids) > self.cfg.max_new_tokens
-        ids = ids[:self.cfg.max_new_tokens]
+        ids, cut = reference_ids(self.tokenizer, answer, self.eos_id, self.cfg.max_new_tokens)
         return ids, [0.0] * len(ids), cut
 
     def generate_with_summary(self, prompts: PromptBatch, step: int) -> tuple[RolloutShard, RolloutSummary]:

@@ -19,7 +19,8 @@ import ray
 from . import checkpoint, learner_state
 from .actors import TrainingError, actor_env, init_ray, kill_processes, ray_processes, start_learners, start_teachers
 from .batch import (
-    DATASET, MIXED, MIXTURE, REPLAY, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, teacher_last,
+    DATASET, MIXED, MIXTURE, REPLAY, TEACHER, PromptBatch, batch_stats, gkd_origins, prompt_batch, reference_ids,
+    teacher_last,
 )
 from .config import (
     Config, engines_sleep, requests_per_step, teacher_coefs, teacher_generates, teacher_names, teacher_paths, to_yaml,
@@ -366,10 +367,10 @@ class Trainer:
         if self.references is None:
             from transformers import AutoTokenizer
 
-            tok, ev, cap = AutoTokenizer.from_pretrained(self.cfg.student.path), self.inputs.eval, \
-                self.cfg.rollout.max_new_tokens
-            self.references = [(ev.prompt_ids[i], (tok(str(row["answer"]), add_special_tokens=False)["input_ids"]
-                                                   + [self.inputs.eos_id])[:cap]) for i, row in enumerate(ev.rows)]
+            tok, ev = AutoTokenizer.from_pretrained(self.cfg.student.path), self.inputs.eval
+            self.references = [(ev.prompt_ids[i], reference_ids(tok, row["answer"], self.inputs.eos_id,
+                                                                self.cfg.rollout.max_new_tokens)[0])
+                               for i, row in enumerate(ev.rows)]
         total, count = ray.get(self.learner.call("reference_loss", self.references))[0]  # every rank: ZeRO-3
         return total / max(count, 1)
 
