@@ -45,6 +45,8 @@ class RunConfig:
     # > 0: the evaluations between the first and the last draw this many samples per problem (a
     # learning curve's cheaper points; pass@k for the k of eval_k it allows); 0: eval_samples
     eval_curve_samples: int = 0
+    # false: no evaluation before step 1 (a sweep that evaluated the same initial student once)
+    eval_before: bool = True
     tensorboard: bool = True  # event files in RUN_DIR/tensorboard
     wandb_project: Optional[str] = None  # also log to Weights & Biases (WANDB_MODE=offline works)
     resume: str = "never"  # never | auto

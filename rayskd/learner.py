@@ -332,14 +332,30 @@ class Learner:
         log_to_file()  # in an actor group with a log directory: output to RUN_DIR/logs/
         from . import deepspeed_setup
 
-        cfg, algo = spec.cfg, spec.algo
-        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
-        self.temperature, self.max_new_tokens = spec.sampling_temperature, spec.max_new_tokens
+        self.rank, self.world_size = rank, world_size
         self.gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         deepspeed_setup.init_distributed(self.gpu, master_addr, master_port, rank, world_size)
+        self.engine = None
+        self.build(spec)
+
+    def build(self, spec: LearnerSpec) -> bool:
+        """The student as `spec` has it (its weights from spec.model_path, a new optimizer and
+        schedule, the objective's settings), in place of whatever this rank held: a new run on a
+        rank that is already up (Trainer's warm actors) starts exactly as on a new one."""
+        from . import deepspeed_setup
+
+        if self.engine is not None:  # the previous run's engine, optimizer and model, released
+            self.engine.destroy()
+            self.engine = self.model = None
+            import gc
+
+            gc.collect()
+        cfg, algo = spec.cfg, spec.algo
+        self.cfg, self.algo = cfg, algo
+        self.temperature, self.max_new_tokens = spec.sampling_temperature, spec.max_new_tokens
         torch.manual_seed(spec.seed)
         self.model = model = load_causal_lm(spec.model_path, torch.float32, self.device)
         self.vocab_size = vocab_limit(spec.tokenizer_len, model)
@@ -352,13 +368,14 @@ class Learner:
         optimizer = deepspeed_setup.checked_optimizer(model.parameters(), cfg)
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        self.engine = deepspeed_setup.initialize(policy, optimizer, scheduler, cfg, world_size)
+        self.engine = deepspeed_setup.initialize(policy, optimizer, scheduler, cfg, self.world_size)
         self.term_grads: torch.Tensor | None = None  # learner.log_term_grads: [2, parameters] this step
         self.rehearsal = None
         if algo.rehearsal.coef > 0:
             from .rehearsal import load_rehearsal
 
             self.rehearsal = load_rehearsal(algo.rehearsal.data_path)
+        return True
 
     def ready(self) -> bool:
         return True

@@ -102,10 +102,10 @@ class MetricsLog:
     step 0 = before training), the console's progress line and events, and the sinks of
     tracking.py (TensorBoard, W&B) with the same scalars."""
 
-    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout, sinks: list | None = None):
+    def __init__(self, run_dir: str, total_steps: int, stream=None, sinks: list | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.eval_path = os.path.join(run_dir, "eval.jsonl")
-        self.total, self.stream, self.sinks = total_steps, stream, list(sinks or [])
+        self.total, self.stream, self.sinks = total_steps, stream or sys.stdout, list(sinks or [])
         self.step_times: list[float] = []
 
     def truncate_after(self, step: int) -> None:

@@ -26,7 +26,7 @@ from .config import (
     Config, engines_sleep, requests_per_step, teacher_coefs, teacher_generates, teacher_names, teacher_paths, to_yaml,
 )
 from .evaluation import evaluate_on, hacking_warning
-from .learner import StepMetrics, learner_shares, train_step_args
+from .learner import LearnerSpec, StepMetrics, learner_shares, train_step_args
 from .losses import TaidState, coef_at
 from .metrics import MetricsLog, StepRecord
 from .pipeline import ReadyBatch, RolloutPipeline
@@ -91,10 +91,45 @@ class StopState:
         self.updating = False
 
 
+class Warm:
+    """The actor groups a finished run left running for the next run of this process
+    (`Trainer.shutdown(keep_actors=True)`), each under the key of what it was started with
+    (`Trainer.actor_keys`). The next Trainer takes those its own config would start the same
+    way, gives them a fresh start (the learners load the student anew with a new optimizer and
+    the run's objective, the engines take its weights: the run's numbers are those of a run on
+    new actors) and closes the rest. A sweep (scripts/compare_demo.py) so pays the actors'
+    start once instead of once per run."""
+
+    def __init__(self, started_ray: bool):
+        self.started_ray = started_ray  # Ray is this process's: the last run shuts it down
+        self.groups: dict[str, tuple] = {}  # key -> (group, its closer)
+
+    def add(self, key: str, group, close) -> None:
+        self.groups[key] = (group, close)
+
+    def take(self, key: str):
+        return self.groups.pop(key, (None, None))[0]
+
+    def close(self) -> None:
+        """Every group no run took: shut down, its processes gone."""
+        for _, close in self.groups.values():
+            close()
+        self.groups.clear()
+
+    def shutdown(self) -> None:
+        """The last run is over: every group closed, and Ray, where this process started it."""
+        self.close()
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+
 class Trainer:
-    def __init__(self, cfg: Config, inputs: Inputs | None = None, lock: checkpoint.RunLock | None = None):
+    def __init__(self, cfg: Config, inputs: Inputs | None = None, lock: checkpoint.RunLock | None = None,
+                 warm: Warm | None = None):
         """`inputs` and `lock`: those of a previous Trainer of this run, in this process (an
-        automatic restart: the inputs were checked, and the run directory stays this process's)."""
+        automatic restart: the inputs were checked, and the run directory stays this process's).
+        `warm`: the actors a previous run of this process left (see Warm)."""
         self.cfg = cfg = resolve_models(cfg)  # model ids -> local snapshots (exit 2 when not found)
         self.inputs = inputs or check_inputs(cfg)  # before anything expensive: UsageError, exit 2
         if not os.environ.get("RAY_ADDRESS"):  # a cluster of this machine: its GPUs
@@ -120,7 +155,9 @@ class Trainer:
         self.teacher_rollout = None  # the teacher's engines (GKD's teacher samples)
         self.stops = StopState()
         self.sleeps = engines_sleep(cfg)  # engines sleep while the learners train beside them
-        self._started_ray = False
+        self.warm = warm
+        self._started_ray = warm.started_ray if warm else False
+        self.started_at = time.time() if warm else PROCESS_START
 
     def _claim(self, run_dir: str, lock: checkpoint.RunLock | None) -> checkpoint.RunLock:
         """The run directory, for this process alone (until it ends), and what a resume will
@@ -191,22 +228,37 @@ class Trainer:
         env, inputs = actor_env(cfg), self.inputs
         t0 = time.time()
         teachers = len(teacher_paths(cfg))
+        # a previous run's actors that this run would start the same way; the others go first
+        # (their places in the cluster are this run's)
+        keys, warm, self.warm = self.actor_keys(), self.warm, None
+        kept = {role: group for role, key in keys.items() if warm and (group := warm.take(key)) is not None}
+        if warm:
+            warm.close()
         engines = f" (and {cfg.teacher.generation.num_workers} teacher rollout)" if teacher_generates(cfg) else ""
         self.log.event(f"starting {cfg.rollout.num_workers} rollout{engines}, {teachers * cfg.teacher.num_workers} "
-                       f"teacher and {cfg.learner.world_size} learner actors")
+                       f"teacher and {cfg.learner.world_size} learner actors" +
+                       (f" (reusing the previous run's {', '.join(kept)}: their logs are in its directory)"
+                        if kept else ""))
         logs = os.path.join(run_dir, "logs")  # each actor's output: logs/rollout_0.log, ...
-        rollout = start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
-        if 0 < cfg.rollout.gpus_per_worker < 1:  # sharing a GPU: vLLM measures the memory it may take
-            ray.get(rollout.call("ready"))  # at start, so it starts before the others allocate theirs
-        self.teachers = [start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, index=i)
+        rollout = kept.get("rollout") or start_rollout(cfg, cfg.student.path, inputs.max_model_len, env, logs)
+        if 0 < cfg.rollout.gpus_per_worker < 1 and "rollout" not in kept:  # sharing a GPU: vLLM measures the
+            ray.get(rollout.call("ready"))  # memory it may take at start, so it starts before the others take theirs
+        self.teachers = [kept.get(f"teacher{i}") or
+                         start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, index=i)
                          for i in range(teachers)]
         self.teacher = self.teachers[0]  # the proxy the golden model is compared with
         if cfg.teacher.golden_path:  # the teacher-hacking monitor's golden model
-            self.golden = start_teachers(cfg, inputs.tokenizer_len, env, logs, max_restarts=MAX_RETRIES, golden=True)
+            self.golden = kept.get("golden") or start_teachers(cfg, inputs.tokenizer_len, env, logs,
+                                                               max_restarts=MAX_RETRIES, golden=True)
         teacher_engines = None
         if teacher_generates(cfg):
-            teacher_engines = start_rollout(cfg, cfg.teacher.path, inputs.max_model_len, env, logs, teacher=True)
-        self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
+            teacher_engines = kept.get("teacher_rollout") or start_rollout(cfg, cfg.teacher.path, inputs.max_model_len,
+                                                                           env, logs, teacher=True)
+        if "learner" in kept:  # the student loaded anew, a new optimizer, this run's objective and seed
+            self.learner = kept["learner"]
+            ray.get(self.learner.call("build", LearnerSpec.from_config(cfg, inputs.tokenizer_len)))
+        else:
+            self.learner = start_learners(cfg, inputs.tokenizer_len, env, logs)
         groups = [g for g in (rollout, *self.teachers, self.golden, teacher_engines, self.learner) if g is not None]
         with open(os.path.join(run_dir, "placement.json"), "w") as f:
             json.dump({g.name: g.nodes() for g in groups}, f, indent=1)
@@ -215,6 +267,8 @@ class Trainer:
         if teacher_engines is not None:
             self.teacher_rollout = RolloutPool(teacher_engines, self.log.event, cfg.rollout.max_failures)
         ray.get([ref for g in groups[1:] for ref in g.call("ready")])
+        if "rollout" in kept:  # the engines still serve the previous run's last weights
+            self.sync_weights(version=0)
         self.log.event(f"actors ready in {time.time() - t0:.0f}s")
         if self._started_ray:  # the actors' processes too (and what they started: vLLM's engine core)
             with open(os.path.join(run_dir, RAY_PROCESSES), "w") as f:
@@ -227,6 +281,24 @@ class Trainer:
                                         self.teacher_rollout, skd, self._replayed if self.replay is not None else None)
         if cfg.run.resume == "auto":
             self.restore()
+
+    def actor_keys(self) -> dict[str, str]:
+        """Each actor group's role and what it is started with, but for what a new run on it
+        sets afresh (the learners' student, optimizer, objective and seed: Learner.build; the
+        engines' weights): groups of equal keys are interchangeable between runs (Warm)."""
+        cfg, inputs = self.cfg, self.inputs
+        env = sorted(actor_env(cfg).items())
+        engines = f"{cfg.rollout!r} {cfg.reward!r} seed={cfg.run.seed} len={inputs.max_model_len} env={env}"
+        keys = {"rollout": f"rollout {cfg.student.path} sleeps={self.sleeps} {engines}",
+                "learner": f"learner {cfg.learner.world_size} {cfg.learner.gpus_per_worker} "
+                           f"{sorted(cfg.learner.resources.items())} env={env}"}
+        for i in range(len(teacher_paths(cfg))):
+            keys[f"teacher{i}"] = f"teacher{i} {cfg.teacher!r} vocab={inputs.tokenizer_len} env={env}"
+        if cfg.teacher.golden_path:
+            keys["golden"] = f"golden {cfg.teacher!r} vocab={inputs.tokenizer_len} env={env}"
+        if teacher_generates(cfg):
+            keys["teacher_rollout"] = f"teacher_rollout {cfg.teacher!r} {engines}"
+        return keys
 
     def _weight_sync(self):
         """The transport of the weight push (rollout.weight_transport), over the layout the
@@ -264,7 +336,7 @@ class Trainer:
                 self.log.event(f"stopped {killed} Ray processes a previous run in this directory left behind")
         teachers = len(teacher_paths(cfg)) * cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
         gen = cfg.teacher.generation
-        self._started_ray = init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
+        self._started_ray = self._started_ray or init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
                                      + (gen.num_workers * gen.tensor_parallel_size if teacher_generates(cfg) else 0)
                                      + teachers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
         if self._started_ray:
@@ -279,7 +351,8 @@ class Trainer:
         teacher's scores, update the learners (each on its share), push the weights to every
         rollout engine. Returns the step's record (logged by the caller)."""
         cfg, timer = self.cfg, Timer()
-        startup_s = time.time() - PROCESS_START if self.started_steps == 0 else None  # to this process's first step
+        # to this process's first step; a run on a previous run's actors: to its first step
+        startup_s = time.time() - self.started_at if self.started_steps == 0 else None
         self.started_steps += 1
         with timer("generate_s"):
             batch = self.pipeline.take(self.step_num, self.weights_version)
@@ -527,7 +600,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        before = self.evaluate() if self.step_num == 0 else None
+        before = self.evaluate() if self.step_num == 0 and cfg.run.eval_before else None
         summary = {"eval_before": before and before["greedy_accuracy"]}
         record = None
         while self.step_num < cfg.run.steps:
@@ -557,13 +630,32 @@ class Trainer:
 
     # ---- tear-down: every path ----
 
-    def shutdown(self, keep: bool = False) -> None:
+    def shutdown(self, keep: bool = False, keep_actors: bool = False) -> Warm | None:
         """Every actor, engine process and sink of the run gone; Ray (if this process started it)
-        and the run directory's lock too, unless `keep` (an automatic restart reuses both)."""
+        and the run directory's lock too, unless `keep` (an automatic restart reuses both).
+        `keep_actors` (a run that ended): the actors, and Ray, stay for the next run of this
+        process instead, in the Warm returned; the run directory is released."""
         if getattr(self, "log", None) is not None:
             self.log.close()
         if self.pipeline is not None:
             self.pipeline.shutdown()
+        if self.warm is not None:  # set-up stopped before it took the previous run's actors
+            self.warm.close()
+            self.warm = None
+        if keep_actors and self.learner is not None:
+            warm, keys = Warm(self._started_ray), self.actor_keys()
+            roles = [("rollout", self.rollout.group, self.rollout.shutdown), ("learner", self.learner, self.learner.kill)]
+            roles += [(f"teacher{i}", g, g.kill) for i, g in enumerate(self.teachers)]
+            if self.golden is not None:
+                roles.append(("golden", self.golden, self.golden.kill))
+            if self.teacher_rollout is not None:
+                roles.append(("teacher_rollout", self.teacher_rollout.group, self.teacher_rollout.shutdown))
+            for role, group, close in roles:
+                warm.add(keys[role], group, close)
+            self.rollout = self.teacher = self.golden = self.learner = self.pipeline = self.teacher_rollout = None
+            self.teachers, self._started_ray = [], False
+            self._release(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))  # the next run records them
+            return warm
         for pool in (self.rollout, self.teacher_rollout):
             if pool is not None:
                 pool.shutdown()
@@ -573,14 +665,20 @@ class Trainer:
         self.rollout = self.teacher = self.golden = self.learner = self.pipeline = self.teacher_rollout = None
         self.teachers = []
         if keep:
-            return
+            return None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
-            try:
-                os.remove(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))
-            except OSError:
-                pass
+        self._release(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))
+        return None
+
+    def _release(self, ray_processes_file: str) -> None:
+        """The run directory: its record of Ray's processes (when this process started Ray) and
+        its lock."""
+        try:
+            os.remove(ray_processes_file)
+        except OSError:
+            pass
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None

@@ -1,10 +1,12 @@
 """Benchmark (not a test): the training methods side by side on a built-in demo task, at the
 same budget (the task's config: steps, prompts, samples, learning rate), each with several
-seeds, one after another on this machine.
+seeds, one after another on this machine, in this process (rayskd.sweep: the runs of a seed
+share the actors, which start once per seed; each run is the one `rayskd train` makes of its
+config, tests/test_sweep.py). Every run of a seed starts from the same student with the same
+sampling seed, so the seed's first run alone evaluates it before step 1 (run.eval_before).
 
     ./scripts/compare_demo.sh --task split --seeds 3      # or: python scripts/compare_demo.py ...
-    ./scripts/compare_demo.sh --task gaps --seeds 3       # the six below, kdrl_fkl and gkd_jsd
-    ./scripts/compare_demo.sh --task gaps --seeds 3 --methods taid,minillm --out benchmarks/compare_gaps_more.json
+    ./scripts/compare_demo.sh --task gaps --seeds 3       # every method below
 
 Methods (overrides of the task's config; nothing else differs):
   grpo              GRPO only                                algorithm.kd.coef=0
@@ -50,12 +52,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"arith": "configs/demo.yaml", "split": "configs/demo_split.yaml", "gaps": "configs/demo_gaps.yaml"}
 ASSETS = {"arith": "demo_assets", "split": "demo_assets_split", "gaps": "demo_assets_gaps"}
 METHODS = ("grpo", "distill_rkl", "kdrl", "kdrl_anneal_mask", "dph_fkl", "dph_js")
-# the methods table's other rows that apply to a one-teacher task without reference responses
-# (the gaps comparison runs them too; their coefficients are the table's, fixed before any run).
-# TAID, MiniLLM and speculative KD apply too; they run when asked for (--methods), to keep the
-# default gaps comparison (8 methods x 3 seeds of ~95 s) under 40 minutes on 2 cores
-MORE_METHODS = ("kdrl_fkl", "gkd_jsd", "taid", "minillm", "skd")
-DEFAULT_METHODS = {"arith": METHODS, "split": METHODS, "gaps": METHODS + MORE_METHODS[:2]}
+# the methods table's other objectives on the student's own samples (the gaps comparison runs
+# them too; their coefficients are the table's, fixed before any run), those whose teacher sends
+# its top-k last (runs in a row share a teacher when they ask the same of it)
+MORE_METHODS = ("minillm", "kdrl_fkl", "gkd_jsd", "taid", "skd")
+DEFAULT_METHODS = {"arith": METHODS, "split": METHODS, "gaps": METHODS + MORE_METHODS}
 LABELS = {"grpo": "GRPO only", "distill_rkl": "distillation only (reverse KL)", "kdrl": "KDRL (GRPO + k2 reverse KL)",
           "kdrl_anneal_mask": "KDRL, annealed + reward-guided mask", "dph_fkl": "GRPO + DPH-RL forward KL",
           "dph_js": "GRPO + DPH-RL JS", "kdrl_fkl": "GRPO + forward KL on the teacher's top-8",
@@ -104,9 +105,16 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize(run_dirs: list[str]) -> dict:
-    """One method over its seeds: final numbers per seed, mean and spread by step."""
-    evals = [read_jsonl(os.path.join(d, "eval.jsonl")) for d in run_dirs]
+def with_initial(evals: list[dict], initial: dict) -> list[dict]:
+    """A run's evaluations, the seed's evaluation of the initial student first where the run
+    made none of its own (run.eval_before=false: the same model, seed and samples)."""
+    return evals if evals and evals[0]["step"] == 0 else [initial, *evals]
+
+
+def summarize(run_dirs: list[str], initial: list[dict]) -> dict:
+    """One method over its seeds (`initial`: each seed's step-0 evaluation): final numbers per
+    seed, mean and spread by step."""
+    evals = [with_initial(read_jsonl(os.path.join(d, "eval.jsonl")), i) for d, i in zip(run_dirs, initial)]
     metrics = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in run_dirs]
     steps = sorted(set.intersection(*({e["step"] for e in per} for per in evals)))
     by_step = {}
@@ -123,6 +131,30 @@ def summarize(run_dirs: list[str]) -> dict:
             "startup_s": [round(per[0].get("startup_s") or 0.0, 1) for per in metrics],
             "curves": [[(round(sum(r["step_s"] for r in m if r["step"] <= e["step"]), 2), e["pass@1"]) for e in per]
                        for per, m in zip(evals, metrics)]}
+
+
+def train(config: str, methods: list[str], seeds: int, dirs: dict, extra: list[str], cfg, rehearsal_data: str) -> None:
+    """Every (seed, method) run, seed by seed, in this process on shared actors (rayskd.sweep);
+    one line per run; each run's driver output in RUN_DIR/driver.log."""
+    from rayskd.config import load_config
+    from rayskd.sweep import train_all
+
+    def configs():
+        for seed in range(seeds):
+            for i, method in enumerate(methods):
+                print(f"$ {method} seed {seed}", flush=True)
+                yield load_config(os.path.join(ROOT, config), [
+                    f"run.output_dir={dirs[method][seed]}", f"run.seed={seed}", f"run.eval_before={i == 0}",
+                    *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *extra])
+
+    def done(run_cfg, summary):
+        m = read_jsonl(os.path.join(run_cfg.run.output_dir, "metrics.jsonl"))
+        e = read_jsonl(os.path.join(run_cfg.run.output_dir, "eval.jsonl"))[-1]
+        print(f"   training {sum(r['step_s'] for r in m):.0f} s (start-up {m[0].get('startup_s') or 0:.0f} s), "
+              f"final pass@1 {e['pass@1']:.3f}", flush=True)
+
+    os.chdir(ROOT)  # the configs' relative paths
+    train_all(configs(), driver_log=True, after=done)
 
 
 def at_time(curve: list, t: float) -> float:
@@ -174,6 +206,7 @@ def main() -> int:
     config = CONFIGS[args.task]
     cfg = load_config(os.path.join(ROOT, config), args.extra)
     out = args.out or os.path.join(ROOT, "benchmarks", f"compare_{args.task}.json")
+    t0 = time.time()
     base = args.from_dir or os.path.join("runs", f"compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not args.from_dir:
         rayskd("prepare-demo", "--task", args.task)
@@ -182,20 +215,20 @@ def main() -> int:
         rayskd("presample", config, f"algorithm.rehearsal.data_path={rehearsal_data}",
                f"algorithm.rehearsal.presample_min_correct={args.min_correct}", "--max-prompts",
                str(args.presample_prompts), *args.extra, quiet=True)
-    runs, dirs, t0 = {}, {}, time.time()
+    dirs = {method: [os.path.join(ROOT, base, method, f"seed{seed}") for seed in range(args.seeds)] for method in methods}
+    t_train = time.time()
+    if not args.from_dir:
+        train(config, methods, args.seeds, dirs, [*args.extra], cfg, rehearsal_data)
+    train_wall_s = time.time() - t_train
+    # each seed's evaluation of the initial student: its first run's
+    initial = [read_jsonl(os.path.join(dirs[methods[0]][seed], "eval.jsonl"))[0] for seed in range(args.seeds)]
+    assert all(i["step"] == 0 for i in initial), "a seed's first run has no evaluation before step 1"
+    runs = {}
     for method in methods:
-        dirs[method] = []
-        for seed in range(args.seeds):
-            run_dir = os.path.join(base, method, f"seed{seed}")
-            if not args.from_dir:
-                rayskd("train", config, f"run.output_dir={run_dir}", f"run.seed={seed}",
-                       *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *args.extra, quiet=True)
-            dirs[method].append(os.path.join(ROOT, run_dir))
         runs[method] = {"label": LABELS[method], "overrides": overrides(method, cfg.run.steps, cfg.algorithm.kd.coef,
-                                                                         rehearsal_data), **summarize(dirs[method])}
+                                                                         rehearsal_data), **summarize(dirs[method], initial)}
         if args.task in ("split", "gaps"):
             runs[method]["facts"] = [facts(args.task, os.path.join(d, "final")) for d in dirs[method]]
-    initial = [read_jsonl(os.path.join(d, "eval.jsonl"))[0] for per in dirs.values() for d in per]
     with open(os.path.join(ROOT, ASSETS[args.task], "report.json")) as f:
         assets = json.load(f)
     result = {
@@ -208,7 +241,10 @@ def main() -> int:
         # every run evaluates the same initial student at step 0 (its own sampling seed): the mean
         "initial": {k: statistics.fmean(e[k] for e in initial) for k in KEYS if k in initial[0]},
         "initial_spread": {k: max(e[k] for e in initial) - min(e[k] for e in initial) for k in KEYS if k in initial[0]},
-        "runs": runs, "equal_time": equal_time(runs), "wall_s": None if args.from_dir else round(time.time() - t0, 1),
+        "runs": runs, "equal_time": equal_time(runs),
+        # the whole comparison (assets, presampling, every run, this summary) and its runs alone
+        "wall_s": None if args.from_dir else round(time.time() - t0, 1),
+        "train_wall_s": None if args.from_dir else round(train_wall_s, 1),
     }
     if args.task in ("split", "gaps"):
         result["initial_facts"] = facts(args.task, os.path.join(ROOT, ASSETS[args.task], "student"))

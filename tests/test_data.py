@@ -6,7 +6,10 @@ from rayskd.data.dataset import DataError, PromptDataset, PromptSampler, read_ro
 
 
 class CharTok:
+    """One token per character; a list of texts in, a list of id lists out (as a Hugging Face tokenizer)."""
     def __call__(self, text, add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [[ord(c) for c in t] for t in text]}
         return {"input_ids": [ord(c) for c in text]}
 
 

@@ -125,14 +125,15 @@ class PromptDataset:
         self.rows, self.prompt_ids, self.skipped_too_long = [], [], 0
         self.skipped_malformed = skipped_malformed
         self.chat = chat_template or any(not isinstance(row["prompt"], str) for row in rows)  # templated
-        for row in rows:
-            text = render_prompt(tokenizer, row["prompt"], chat_template, system_prompt)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > max_prompt_tokens or len(ids) == 0:
-                self.skipped_too_long += 1
-                continue
-            self.rows.append({"prompt": text, **{k: v for k, v in row.items() if k != "prompt"}})
-            self.prompt_ids.append(ids)
+        texts = [render_prompt(tokenizer, row["prompt"], chat_template, system_prompt) for row in rows]
+        for start in range(0, len(rows), 4096):  # in batches: a fast tokenizer's batch call is ~5x a call per prompt
+            batch = tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
+            for row, text, ids in zip(rows[start:start + 4096], texts[start:start + 4096], batch):
+                if len(ids) > max_prompt_tokens or len(ids) == 0:
+                    self.skipped_too_long += 1
+                    continue
+                self.rows.append({"prompt": text, **{k: v for k, v in row.items() if k != "prompt"}})
+                self.prompt_ids.append(list(ids))
 
     def __len__(self) -> int:
         return len(self.rows)
