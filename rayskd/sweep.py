@@ -14,8 +14,9 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable
 
+from .actors import init_ray
 from .config import Config
-from .trainer import Trainer, Warm
+from .trainer import Trainer, Warm, actor_count
 
 
 def train_all(cfgs: Iterable[Config], driver_log: bool = False,
@@ -23,8 +24,12 @@ def train_all(cfgs: Iterable[Config], driver_log: bool = False,
     """Train each config to its end (`Trainer.fit`'s summaries, in order). `driver_log`: each
     run's driver output (progress, events) goes to RUN_DIR/driver.log instead of stdout.
     `after(cfg, summary)`: called once each run has ended. A run that fails stops the sweep
-    with its error, every actor and Ray shut down."""
-    warm: Warm | None = None
+    with its error (its last completed step checkpointed, as `rayskd train` does), every actor
+    and Ray shut down; SIGTERM stops the run in progress after its checkpoint and the sweep with
+    it (`rayskd resume RUN_DIR` continues either). A local Ray cluster (RAY_ADDRESS unset) is
+    sized for the sweep's largest run."""
+    cfgs = list(cfgs)
+    warm: Warm | None = Warm(init_ray(max(actor_count(cfg) for cfg in cfgs))) if cfgs else None
     summaries = []
     try:
         for cfg in cfgs:
@@ -34,11 +39,14 @@ def train_all(cfgs: Iterable[Config], driver_log: bool = False,
                     trainer.setup()
                     summaries.append(trainer.fit())
             except BaseException:
+                trainer.checkpoint_on_stop("stopped")
                 trainer.shutdown()
                 raise
             warm = trainer.shutdown(keep_actors=True)
             if after is not None:
                 after(cfg, summaries[-1])
+            if summaries[-1].get("stopped"):  # SIGTERM: the run checkpointed; the sweep ends with it
+                break
     finally:
         if warm is not None:
             warm.shutdown()

@@ -91,6 +91,15 @@ class StopState:
         self.updating = False
 
 
+def actor_count(cfg: Config) -> int:
+    """The actors (one CPU each at least) a run of `cfg` places."""
+    teachers = len(teacher_paths(cfg)) * cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
+    gen = cfg.teacher.generation
+    return (cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size + cfg.learner.world_size
+            + (gen.num_workers * gen.tensor_parallel_size if teacher_generates(cfg) else 0)
+            + teachers * cfg.teacher.tensor_parallel_size)
+
+
 class Warm:
     """The actor groups a finished run left running for the next run of this process
     (`Trainer.shutdown(keep_actors=True)`), each under the key of what it was started with
@@ -130,6 +139,7 @@ class Trainer:
         """`inputs` and `lock`: those of a previous Trainer of this run, in this process (an
         automatic restart: the inputs were checked, and the run directory stays this process's).
         `warm`: the actors a previous run of this process left (see Warm)."""
+        self.started_at = time.time() if warm else PROCESS_START  # start-up counts from here
         self.cfg = cfg = resolve_models(cfg)  # model ids -> local snapshots (exit 2 when not found)
         self.inputs = inputs or check_inputs(cfg)  # before anything expensive: UsageError, exit 2
         if not os.environ.get("RAY_ADDRESS"):  # a cluster of this machine: its GPUs
@@ -157,7 +167,6 @@ class Trainer:
         self.sleeps = engines_sleep(cfg)  # engines sleep while the learners train beside them
         self.warm = warm
         self._started_ray = warm.started_ray if warm else False
-        self.started_at = time.time() if warm else PROCESS_START
 
     def _claim(self, run_dir: str, lock: checkpoint.RunLock | None) -> checkpoint.RunLock:
         """The run directory, for this process alone (until it ends), and what a resume will
@@ -334,11 +343,7 @@ class Trainer:
             os.remove(leftovers)
             if killed:
                 self.log.event(f"stopped {killed} Ray processes a previous run in this directory left behind")
-        teachers = len(teacher_paths(cfg)) * cfg.teacher.num_workers + (1 if cfg.teacher.golden_path else 0)
-        gen = cfg.teacher.generation
-        self._started_ray = self._started_ray or init_ray(cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
-                                     + (gen.num_workers * gen.tensor_parallel_size if teacher_generates(cfg) else 0)
-                                     + teachers * cfg.teacher.tensor_parallel_size + cfg.learner.world_size)
+        self._started_ray = self._started_ray or init_ray(actor_count(cfg))
         if self._started_ray:
             with open(leftovers, "w") as f:
                 json.dump(ray_processes(), f)

@@ -21,6 +21,15 @@ Methods (overrides of the task's config; nothing else differs):
   taid              distillation only: TAID on the top-8 (its defaults: t 0.4 -> 1)
   minillm           distillation only: MiniLLM's sequence-level reverse KL (gamma 0.95, length norm)
   skd               distillation only: speculative KD, top-2, blocks of 2, forward KL on the top-8
+The methods table's other objectives that apply to a one-teacher task, when asked for (--methods;
+each as its row in the README's methods table, at kd.coef):
+  kdrl_js           GRPO + Jensen-Shannon to the teacher on its top-8
+  skew_fkl          GRPO + skew forward KL (skew 0.1) on the top-8 (DistiLLM's objective)
+  skew_rkl          GRPO + skew reverse KL (skew 0.1) on the top-8
+  gkd_teacher       GKD: half the prompts' sequences the teacher's own samples (its vLLM engine),
+                    generalised JSD (beta 0.5) on the top-8 on all, GRPO on the student's
+  seqkd             sequence-level KD: the teacher's samples only, forward KL on the top-8
+  minillm_mix       MiniLLM with teacher-mixed sampling (alpha 0.2)
 The rehearsal coefficients are the top of DPH-RL's reported ranges (forward KL 0.01-0.05,
 JS 0.05-0.2). Its data (`rayskd presample`, once, seed 0, the first --presample-prompts
 training prompts): the initial student's correct responses among 8 per prompt, kept for
@@ -57,12 +66,20 @@ METHODS = ("grpo", "distill_rkl", "kdrl", "kdrl_anneal_mask", "dph_fkl", "dph_js
 # its top-k last (runs in a row share a teacher when they ask the same of it)
 MORE_METHODS = ("minillm", "kdrl_fkl", "gkd_jsd", "taid", "skd")
 DEFAULT_METHODS = {"arith": METHODS, "split": METHODS, "gaps": METHODS + MORE_METHODS}
+# the rest of the table's objectives that apply to one teacher and no reference responses (the
+# teacher's own samples, the teacher in the sampling loop, the other divergences on its top-k)
+OTHER_METHODS = ("kdrl_js", "skew_fkl", "skew_rkl", "gkd_teacher", "seqkd", "minillm_mix")
 LABELS = {"grpo": "GRPO only", "distill_rkl": "distillation only (reverse KL)", "kdrl": "KDRL (GRPO + k2 reverse KL)",
           "kdrl_anneal_mask": "KDRL, annealed + reward-guided mask", "dph_fkl": "GRPO + DPH-RL forward KL",
           "dph_js": "GRPO + DPH-RL JS", "kdrl_fkl": "GRPO + forward KL on the teacher's top-8",
           "gkd_jsd": "GKD: distillation only, generalised JSD (beta 0.5) on the top-8",
           "taid": "TAID: distillation only, on the top-8", "minillm": "MiniLLM: distillation only, sequence-level",
-          "skd": "speculative KD: distillation only, forward KL on the top-8"}
+          "skd": "speculative KD: distillation only, forward KL on the top-8",
+          "kdrl_js": "GRPO + Jensen-Shannon on the teacher's top-8", "skew_fkl": "GRPO + skew forward KL (0.1), top-8",
+          "skew_rkl": "GRPO + skew reverse KL (0.1), top-8",
+          "gkd_teacher": "GKD on the teacher's samples (lambda 0.5), generalised JSD, top-8",
+          "seqkd": "sequence-level KD: the teacher's samples, forward KL, top-8",
+          "minillm_mix": "MiniLLM, teacher-mixed sampling (alpha 0.2)"}
 KEYS = ("greedy_accuracy", "pass@1", "pass@4", "pass@8", "pass@16", "pass@64", "distinct_right")
 
 
@@ -82,10 +99,18 @@ def overrides(method: str, steps: int, coef: float, rehearsal_data: str) -> list
         "minillm": ["algorithm.pg_coef=0", "algorithm.kd.estimator=minillm"],
         "skd": ["algorithm.pg_coef=0", *TOPK, "algorithm.kd.divergence=forward_kl", "algorithm.skd.top_k=2",
                 "algorithm.skd.block=2"],
+        "kdrl_js": [*TOPK, "algorithm.kd.divergence=js"],
+        "skew_fkl": [*TOPK, "algorithm.kd.divergence=skew_forward_kl", "algorithm.kd.skew=0.1"],
+        "skew_rkl": [*TOPK, "algorithm.kd.divergence=skew_reverse_kl", "algorithm.kd.skew=0.1"],
+        "gkd_teacher": [*TEACHER_SAMPLES, "algorithm.gkd.lmbda=0.5", "algorithm.kd.divergence=generalized_jsd",
+                        "algorithm.kd.beta=0.5"],
+        "seqkd": [*TEACHER_SAMPLES, "algorithm.gkd.lmbda=0", "algorithm.kd.divergence=forward_kl"],
+        "minillm_mix": ["algorithm.kd.estimator=minillm", "algorithm.kd.minillm.mix_alpha=0.2"],
     }[method]
 
 
 TOPK = ("algorithm.kd.estimator=topk", "teacher.top_k=8")
+TEACHER_SAMPLES = ("algorithm.gkd.off_policy=teacher", "teacher.generation.num_workers=1", *TOPK)
 
 
 def rayskd(*args: str, quiet: bool = False) -> None:
@@ -139,22 +164,18 @@ def train(config: str, methods: list[str], seeds: int, dirs: dict, extra: list[s
     from rayskd.config import load_config
     from rayskd.sweep import train_all
 
-    def configs():
-        for seed in range(seeds):
-            for i, method in enumerate(methods):
-                print(f"$ {method} seed {seed}", flush=True)
-                yield load_config(os.path.join(ROOT, config), [
-                    f"run.output_dir={dirs[method][seed]}", f"run.seed={seed}", f"run.eval_before={i == 0}",
-                    *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *extra])
-
     def done(run_cfg, summary):
         m = read_jsonl(os.path.join(run_cfg.run.output_dir, "metrics.jsonl"))
         e = read_jsonl(os.path.join(run_cfg.run.output_dir, "eval.jsonl"))[-1]
-        print(f"   training {sum(r['step_s'] for r in m):.0f} s (start-up {m[0].get('startup_s') or 0:.0f} s), "
-              f"final pass@1 {e['pass@1']:.3f}", flush=True)
+        method, seed = run_cfg.run.output_dir.split(os.sep)[-2:]
+        print(f"{method} {seed}: training {sum(r['step_s'] for r in m):.0f} s (start-up "
+              f"{m[0].get('startup_s') or 0:.0f} s), final pass@1 {e['pass@1']:.3f}", flush=True)
 
     os.chdir(ROOT)  # the configs' relative paths
-    train_all(configs(), driver_log=True, after=done)
+    train_all([load_config(os.path.join(ROOT, config), [
+        f"run.output_dir={dirs[method][seed]}", f"run.seed={seed}", f"run.eval_before={i == 0}",
+        *overrides(method, cfg.run.steps, cfg.algorithm.kd.coef, rehearsal_data), *extra])
+        for seed in range(seeds) for i, method in enumerate(methods)], driver_log=True, after=done)
 
 
 def at_time(curve: list, t: float) -> float:
@@ -188,8 +209,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(CONFIGS), default="split")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", help="comma-separated subset of " + ",".join(METHODS + MORE_METHODS) +
-                   " (default: the first six; for gaps also kdrl_fkl and gkd_jsd)")
+    p.add_argument("--methods", help="comma-separated subset of " + ",".join(METHODS + MORE_METHODS + OTHER_METHODS) +
+                   " (default: the first six; for gaps the first eleven)")
     p.add_argument("--min-correct", type=int, default=1,
                    help="DPH-RL: keep a prompt's presampled responses when it solved at least this many of 8")
     p.add_argument("--presample-prompts", type=int, default=4000, help="DPH-RL: presample this many training prompts")
@@ -198,7 +219,7 @@ def main() -> int:
     p.add_argument("extra", nargs="*", help="key=value overrides for every run")
     args = p.parse_args()
     methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS[args.task])
-    if unknown := set(methods) - set(METHODS + MORE_METHODS):
+    if unknown := set(methods) - set(METHODS + MORE_METHODS + OTHER_METHODS):
         p.error(f"unknown methods: {', '.join(sorted(unknown))}")
     sys.path.insert(0, ROOT)
     from rayskd.config import load_config
