@@ -87,12 +87,16 @@ def make_report(run_dirs: list[str], out: str) -> str:
         label = f"{name} ({len(members)} seeds)" if len(members) > 1 else labels[members[0]]
         runs.append((label, [read_jsonl(os.path.join(run_dirs[i], "metrics.jsonl")) for i in members],
                      [read_jsonl(os.path.join(run_dirs[i], "eval.jsonl")) for i in members]))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    many = len(runs) > 4  # one legend beside the panels instead of one in each
+    fig, axes = plt.subplots(2, 3, figsize=(18 if many else 15, 8.5))
+    # a colour of its own for each run: the default cycle repeats after 10
+    colors = (plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(runs) <= 10 else
+              [plt.get_cmap("tab20")(i) for i in range(20)])
     panels = ((axes[0, 0], "reward_mean", "training reward (mean)"),
               (axes[0, 2], "kd_divergence", "teacher divergence"),
               (axes[1, 0], "response_len_mean", "response length (tokens)"),
               (axes[1, 1], "entropy", "policy entropy (nats/token)"))
+    largest = "pass@k"
     for i, (label, metrics, evals) in enumerate(runs):
         color = colors[i % len(colors)]
         for ax, key, _ in panels:
@@ -104,14 +108,15 @@ def make_report(run_dirs: list[str], out: str) -> str:
         if all(any("pass@1" in r for r in e) for e in evals):
             _plot(ax, evals, "pass@1", color, f"{label} pass@1", marker="o")
             if (k := _largest_k(evals[0])) is not None:
-                _plot(ax, evals, k, color, f"{label} {k}", marker="s", linestyle="--")
+                largest = k
+                _plot(ax, evals, k, color, None if many else f"{label} {k}", marker="s", linestyle="--")
         elif all(evals):  # evaluations without samples: greedy accuracy
             _plot(ax, evals, "greedy_accuracy", color, f"{label} greedy", marker="o", linestyle=":")
         else:  # a run older than eval.jsonl
             _plot(ax, metrics, "eval_accuracy", color, f"{label} greedy", marker="o", linestyle=":")
     for ax, _, title in panels:
         ax.set_title(title)
-    axes[0, 1].set_title("held-out pass@1 (solid), pass@k (dashed)")
+    axes[0, 1].set_title(f"held-out pass@1 (solid), {largest} (dashed)")
     axes[1, 0].ticklabel_format(useOffset=False)
     ax = axes[1, 2]
     width = 0.8 / max(len(runs), 1)
@@ -125,10 +130,15 @@ def make_report(run_dirs: list[str], out: str) -> str:
         ax.grid(alpha=0.3)
         if ax is not axes[1, 2]:
             ax.set_xlabel("step")
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and not many:
             ax.legend(fontsize=8)
-    fig.suptitle("rayskd: " + ", ".join(label for label, _, _ in runs))
-    fig.tight_layout()
+    if many:
+        fig.legend(*axes[1, 2].get_legend_handles_labels(), loc="center right", fontsize=9)
+        fig.suptitle(f"rayskd: {len(runs)} runs")
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
+    else:
+        fig.suptitle("rayskd: " + ", ".join(label for label, _, _ in runs))
+        fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
