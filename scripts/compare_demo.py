@@ -6,7 +6,9 @@ config, tests/test_sweep.py). Every run of a seed starts from the same student w
 sampling seed, so the seed's first run alone evaluates it before step 1 (run.eval_before).
 
     ./scripts/compare_demo.sh --task split --seeds 3      # or: python scripts/compare_demo.py ...
-    ./scripts/compare_demo.sh --task gaps --seeds 3       # every method below
+    ./scripts/compare_demo.sh --task gaps --seeds 3       # the eleven methods first below (~37 min)
+    ./scripts/compare_demo.sh --task gaps --seeds 3 --methods kdrl_js,skew_fkl,skew_rkl,gkd_teacher,seqkd,minillm_mix \
+        --out benchmarks/compare_gaps_more.json          # the others that apply (~23 min)
 
 Methods (overrides of the task's config; nothing else differs):
   grpo              GRPO only                                algorithm.kd.coef=0
