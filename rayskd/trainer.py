@@ -647,28 +647,20 @@ class Trainer:
         if self.warm is not None:  # set-up stopped before it took the previous run's actors
             self.warm.close()
             self.warm = None
+        groups, warm = self._actor_groups(), None
         if keep_actors and self.learner is not None:
             warm, keys = Warm(self._started_ray), self.actor_keys()
-            roles = [("rollout", self.rollout.group, self.rollout.shutdown), ("learner", self.learner, self.learner.kill)]
-            roles += [(f"teacher{i}", g, g.kill) for i, g in enumerate(self.teachers)]
-            if self.golden is not None:
-                roles.append(("golden", self.golden, self.golden.kill))
-            if self.teacher_rollout is not None:
-                roles.append(("teacher_rollout", self.teacher_rollout.group, self.teacher_rollout.shutdown))
-            for role, group, close in roles:
+            for role, group, close in groups:
                 warm.add(keys[role], group, close)
-            self.rollout = self.teacher = self.golden = self.learner = self.pipeline = self.teacher_rollout = None
-            self.teachers, self._started_ray = [], False
-            self._release(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))  # the next run records them
-            return warm
-        for pool in (self.rollout, self.teacher_rollout):
-            if pool is not None:
-                pool.shutdown()
-        for group in (*self.teachers, self.golden, self.learner):
-            if group is not None:
-                group.kill()
+        else:
+            for _, _, close in groups:
+                close()
         self.rollout = self.teacher = self.golden = self.learner = self.pipeline = self.teacher_rollout = None
         self.teachers = []
+        if warm is not None:
+            self._started_ray = False
+            self._release(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))  # the next run records them
+            return warm
         if keep:
             return None
         if self._started_ray:
@@ -676,6 +668,15 @@ class Trainer:
             self._started_ray = False
         self._release(os.path.join(self.cfg.run.output_dir, RAY_PROCESSES))
         return None
+
+    def _actor_groups(self) -> list[tuple]:
+        """Every actor group of the run as (its role in actor_keys, the group, what shuts it
+        down: an engine pool's shutdown also ends its engines' processes)."""
+        pools = [(role, p.group, p.shutdown) for role, p in (("rollout", self.rollout),
+                                                             ("teacher_rollout", self.teacher_rollout)) if p is not None]
+        groups = [(f"teacher{i}", g) for i, g in enumerate(self.teachers)]
+        groups += [(role, g) for role, g in (("golden", self.golden), ("learner", self.learner)) if g is not None]
+        return pools + [(role, g, g.kill) for role, g in groups]
 
     def _release(self, ray_processes_file: str) -> None:
         """The run directory: its record of Ray's processes (when this process started Ray) and

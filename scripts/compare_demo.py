@@ -120,7 +120,7 @@ def rayskd(*args: str, quiet: bool = False) -> None:
     print("$ rayskd " + " ".join(args), flush=True)
     out = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in out.stdout.splitlines():
-        if not quiet or "eval at step" in line or "[presample]" in line:
+        if not quiet or "[presample]" in line:
             print("   " + line, flush=True)
     if out.returncode != 0:
         print(out.stdout[-3000:], file=sys.stderr)

@@ -114,6 +114,9 @@ def read_rows(path: str, prompt_key: str, answer_key: str, route_key: str = "") 
     return rows, skipped
 
 
+TOKENIZE_BATCH = 4096  # prompts per tokenizer call
+
+
 class PromptDataset:
     """Tokenised prompts. A prompt of chat messages (or a text prompt, with `chat_template`)
     goes through the tokenizer's chat template with the generation prompt, after
@@ -126,14 +129,15 @@ class PromptDataset:
         self.skipped_malformed = skipped_malformed
         self.chat = chat_template or any(not isinstance(row["prompt"], str) for row in rows)  # templated
         texts = [render_prompt(tokenizer, row["prompt"], chat_template, system_prompt) for row in rows]
-        for start in range(0, len(rows), 4096):  # in batches: a fast tokenizer's batch call is ~5x a call per prompt
-            batch = tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]
-            for row, text, ids in zip(rows[start:start + 4096], texts[start:start + 4096], batch):
-                if len(ids) > max_prompt_tokens or len(ids) == 0:
-                    self.skipped_too_long += 1
-                    continue
-                self.rows.append({"prompt": text, **{k: v for k, v in row.items() if k != "prompt"}})
-                self.prompt_ids.append(list(ids))
+        # in batches: a fast tokenizer's batch call is ~5x a call per prompt
+        tokenised = [ids for start in range(0, len(texts), TOKENIZE_BATCH)
+                     for ids in tokenizer(texts[start:start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]]
+        for row, text, ids in zip(rows, texts, tokenised):
+            if len(ids) > max_prompt_tokens or len(ids) == 0:
+                self.skipped_too_long += 1
+                continue
+            self.rows.append({"prompt": text, **{k: v for k, v in row.items() if k != "prompt"}})
+            self.prompt_ids.append(list(ids))
 
     def __len__(self) -> int:
         return len(self.rows)
